@@ -34,7 +34,7 @@ schemas: setup
 	$(VENV)/bin/inspection schemas export
 
 serve: setup
-	$(PY) deploy/serve.py
+	bash deploy/serve.sh
 
 clean:
 	rm -rf $(VENV) out runs demo_out bench_out .pytest_cache

@@ -73,12 +73,18 @@ def _header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
             n = len(data)
             while i + 9 < n:
                 if data[i] != 0xFF:
+                    # segments follow each other directly: anything else means the header is damaged, and
+                    # reading on would take random bytes for a frame size
+                    return None
+                marker = data[i + 1]
+                if marker == 0xFF:  # fill byte before a marker
                     i += 1
                     continue
-                marker = data[i + 1]
                 if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
                     i += 2
                     continue
+                if marker in (0xDA, 0xD9):  # start of scan / end of image before any frame header
+                    return None
                 seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
                 if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
                     h, w = struct.unpack(">HH", data[i + 5 : i + 9])
@@ -98,12 +104,28 @@ def _png_is_truncated(data: bytes) -> bool:
     return b"IEND" not in data[-32:]
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the file held before normalisation (recorded in the manifest)."""
+
+    format: str  # jpeg, png, bmp or tiff, from the magic bytes
+    width: int
+    height: int
+    channels: int  # 1 grey, 3 colour, 4 with alpha
+    bit_depth: int  # bits per channel: 8 or 16 (32 for float TIFF)
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """Decode bytes to a uint8 (H, W, 3) RGB array, or raise ImageValidationError(reason, message).
 
     8- and 16-bit depth, grey, RGB and RGBA are normalised; alpha is dropped (composited on black), 16-bit
     scaled to 8-bit.
     """
+    return decode_image_info(data, limits)[0]
+
+
+def decode_image_info(data: bytes, limits: ImageLimits = ImageLimits()) -> tuple[np.ndarray, ImageInfo]:
+    """Like `decode_image`, and also say what the file held (format, size, channels, bit depth)."""
     if not data:
         raise ImageValidationError("empty", "the file or body is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -129,7 +151,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray
     if img is None or img.size == 0:
         raise ImageValidationError("corrupt", f"{fmt.upper()} data could not be decoded")
     _check_size(img.shape[1], img.shape[0], limits)
-    return _to_rgb8(img)
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    info = ImageInfo(fmt, img.shape[1], img.shape[0], channels, img.dtype.itemsize * 8)
+    return _to_rgb8(img), info
 
 
 def _check_size(width: int, height: int, limits: ImageLimits) -> None:

@@ -106,6 +106,8 @@ class DefectType(StrEnum):
 class ReviewAction(StrEnum):
     confirm_defect = "confirm_defect"
     override_ok = "override_ok"
+    # withdraws the decision named in `replaces` (append-only undo; the part returns to its state before it)
+    undo = "undo"
 
 
 class ReviewDecision(_Contract):

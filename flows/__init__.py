@@ -1,0 +1,1 @@
+"""Prefect flows: they put library calls in order and publish artifacts; no ML logic lives here."""

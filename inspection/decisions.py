@@ -1,0 +1,351 @@
+"""The decision store: every verdict the runner gives, and every QA decision on it (no torch).
+
+The runner writes one `inspections` row per answered request *before* the answer leaves; the review app reads
+them and appends `reviews` rows (append-only; a correction points at the decision it `replaces`). Images of parts
+that were not passed are kept content-addressed next to the database (`MEDIA/images/<sha[:2]>/<sha>.<ext>`) with
+a heatmap overlay (`MEDIA/heatmaps/<request_id>.png`), so QA sees what the model saw.
+
+SQLite in WAL mode is the default (one file, readers never block the writer); a PostgreSQL URL works the same
+because only SQLAlchemy Core is used. The `folder_files` table lets folder mode inspect each dropped file exactly
+once across restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+
+from inspection.errors import InspectionError
+from inspection.images import decode_image, sniff_format
+from inspection.schemas import InspectionResult, Thresholds, Verdict
+
+logger = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+inspections = Table(
+    "inspections",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("part_id", String(256), nullable=False, index=True),
+    Column("station", String(128), nullable=False, index=True),
+    Column("timestamp", DateTime(timezone=True), nullable=False, index=True),  # UTC
+    Column("verdict", String(16), nullable=False, index=True),
+    Column("defect_score", Float, nullable=True),  # None: no model verdict (bad image, model error)
+    Column("reject_threshold", Float, nullable=True),
+    Column("review_threshold", Float, nullable=True),
+    Column("model_version", String(128), nullable=True, index=True),
+    Column("latency_ms", Float, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("image_sha256", String(64), nullable=True, index=True),
+    Column("image_path", Text, nullable=True),  # relative to media_dir
+    Column("heatmap_path", Text, nullable=True),  # relative to media_dir
+    Column("source", String(16), nullable=False),  # 'http' | 'folder'
+)
+
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, index=True),
+    Column("action", String(32), nullable=False),
+    Column("defect_type", String(32), nullable=True),
+    Column("comment", Text, nullable=True),
+    Column("reviewer", String(128), nullable=False),
+    Column("decided_at", DateTime(timezone=True), nullable=False),
+    Column("replaces", Integer, nullable=True),  # id of the review this one supersedes
+)
+
+# Folder mode: identity of each dropped file already decided, written in the same transaction as its decision.
+folder_files = Table(
+    "folder_files",
+    metadata,
+    Column("identity", String(128), primary_key=True),  # sha256 of the bytes + ':' + sha256 of the file name
+    Column("file_name", Text, nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("destination", String(16), nullable=False),  # 'processed' | 'flagged'
+    Column("emitted", Integer, nullable=False, default=0),  # 1 once the JSON line is written
+    Column("decided_at", DateTime(timezone=True), nullable=False),
+)
+
+SOURCES = ("http", "folder")
+KEEP_VERDICTS = (Verdict.review, Verdict.reject)  # parts a human may look at: keep their images
+_EXTENSIONS = {"jpeg": "jpg", "png": "png", "bmp": "bmp", "tiff": "tif"}
+
+
+class DecisionStoreError(InspectionError):
+    """The decision store cannot be used as asked."""
+
+
+def _as_url(url_or_path: str | Path) -> tuple[str, Path | None]:
+    text = str(url_or_path)
+    if "://" in text:
+        return text, None
+    path = Path(text)
+    if path.suffix == "" or path.is_dir():
+        path = path / "decisions.sqlite"
+    return f"sqlite:///{path}", path
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; everything we store is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """uint8 RGB image (H, W, 3) + heatmap (h, w) in [0, 1] -> uint8 RGB overlay (H, W, 3), jet colour map."""
+    h, w = image.shape[:2]
+    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)  # (H, W)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(image, 1.0 - alpha, colour, alpha, 0.0)
+
+
+class DecisionStore:
+    """Thread-safe writer/reader of inspection decisions (see module docstring).
+
+    `url_or_path`: a SQLAlchemy URL (``postgresql+psycopg://...``), a ``.sqlite`` file path, or a directory
+    (then ``DIR/decisions.sqlite``). `media_dir` defaults to the SQLite file's directory; with a server URL it
+    must be given.
+    """
+
+    def __init__(self, url_or_path: str | Path, media_dir: str | Path | None = None):
+        url, sqlite_path = _as_url(url_or_path)
+        if media_dir is None:
+            if sqlite_path is None:
+                raise DecisionStoreError(f"media_dir is required with a database URL ({url.split('@')[-1]})")
+            media_dir = sqlite_path.parent
+        self.media_dir = Path(media_dir)
+        self.media_dir.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if sqlite_path is not None:
+            sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        # SQLite allows one writer; serialising writes here avoids busy retries under concurrent requests.
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- media ---------------------------------------------------------------------------------------------
+
+    def _save_image(self, data: bytes, sha256: str) -> str:
+        ext = _EXTENSIONS.get(sniff_format(data) or "", "bin")
+        rel = f"images/{sha256[:2]}/{sha256}.{ext}"
+        path = self.media_dir / rel
+        if not path.exists():  # content-addressed: identical bytes are stored once
+            _atomic_write(path, data)
+        return rel
+
+    def _save_heatmap(self, request_id: str, heatmap: np.ndarray, image: np.ndarray | None, data: bytes | None):
+        if image is None and data:
+            try:
+                image = decode_image(data)
+            except InspectionError:
+                image = None
+        if image is None:
+            # no picture to lay it over: the heatmap alone, scaled to a visible size
+            grey = (np.clip(np.asarray(heatmap, np.float32), 0, 1) * 255).astype(np.uint8)
+            image = cv2.cvtColor(cv2.resize(grey, (224, 224), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2RGB)
+        overlay = heatmap_overlay(image, heatmap)
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise DecisionStoreError(f"could not encode the heatmap overlay of {request_id}")
+        rel = f"heatmaps/{request_id}.png"
+        _atomic_write(self.media_dir / rel, buf.tobytes())
+        return rel
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    def _row(
+        self,
+        result: InspectionResult,
+        image_bytes: bytes | None,
+        heatmap: np.ndarray | None,
+        source: str,
+        image: np.ndarray | None,
+    ) -> dict[str, Any]:
+        if source not in SOURCES:
+            raise DecisionStoreError(f"source {source!r} is not allowed; allowed: {SOURCES}")
+        image_path = heatmap_path = None
+        sha = result.image_sha256
+        if image_bytes and sha is None:
+            sha = hashlib.sha256(image_bytes).hexdigest()
+        if result.verdict in KEEP_VERDICTS:
+            # files first, row second: a row never points at a file that is not there
+            if image_bytes:
+                image_path = self._save_image(image_bytes, sha)
+            if heatmap is not None:
+                heatmap_path = self._save_heatmap(result.request_id, heatmap, image, image_bytes)
+        th = result.thresholds
+        return {
+            "request_id": result.request_id,
+            "part_id": result.part_id,
+            "station": result.station,
+            "timestamp": _utc(result.timestamp),
+            "verdict": result.verdict.value,
+            "defect_score": result.defect_score,
+            "reject_threshold": th.reject if th else None,
+            "review_threshold": th.review if th else None,
+            "model_version": result.model_version,
+            "latency_ms": result.latency_ms,
+            "reason": result.reason,
+            "image_sha256": sha,
+            "image_path": image_path,
+            "heatmap_path": heatmap_path,
+            "source": source,
+        }
+
+    def record_inspection(
+        self,
+        result: InspectionResult,
+        image_bytes: bytes | None,
+        heatmap: np.ndarray | None,
+        source: str,
+        *,
+        image: np.ndarray | None = None,
+        folder_identity: tuple[str, str, str] | None = None,
+    ) -> None:
+        """Store one decision (and, for review/reject parts, the image and heatmap overlay) durably.
+
+        `image` (decoded uint8 RGB) saves decoding the bytes again for the overlay. `folder_identity`
+        (identity, file name, destination) marks a dropped file as decided in the same transaction.
+        Raises DecisionStoreError if the request id was already recorded.
+        """
+        row = self._row(result, image_bytes, heatmap, source, image)
+        try:
+            with self._locked(), self.engine.begin() as conn:
+                conn.execute(insert(inspections), row)
+                if folder_identity is not None:
+                    identity, name, destination = folder_identity
+                    conn.execute(
+                        insert(folder_files),
+                        {
+                            "identity": identity,
+                            "file_name": name,
+                            "request_id": result.request_id,
+                            "destination": destination,
+                            "emitted": 0,
+                            "decided_at": datetime.now(UTC),
+                        },
+                    )
+        except SAIntegrityError as exc:
+            raise DecisionStoreError(f"decision {result.request_id} (or its folder file) is already recorded") from exc
+
+    def _locked(self):
+        return self._write_lock if self._write_lock is not None else _NullLock()
+
+    def mark_emitted(self, identity: str) -> None:
+        with self._locked(), self.engine.begin() as conn:
+            conn.execute(update(folder_files).where(folder_files.c.identity == identity).values(emitted=1))
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def folder_file(self, identity: str) -> dict[str, Any] | None:
+        """The folder-mode record of a file identity, or None if it was never decided."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(folder_files).where(folder_files.c.identity == identity)).mappings().first()
+        return dict(row) if row else None
+
+    def get_row(self, request_id: str) -> dict[str, Any] | None:
+        """The raw `inspections` row (with image and heatmap paths), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(inspections).where(inspections.c.request_id == request_id)).mappings().first()
+        return dict(row) if row else None
+
+    def get_inspection(self, request_id: str) -> InspectionResult | None:
+        row = self.get_row(request_id)
+        return None if row is None else result_from_row(row)
+
+    def count_by_verdict(self) -> dict[str, int]:
+        """verdict -> number of decisions (every verdict present, zero if none)."""
+        counts = {v.value: 0 for v in Verdict}
+        with self.engine.connect() as conn:
+            for verdict, n in conn.execute(select(inspections.c.verdict, func.count()).group_by(inspections.c.verdict)):
+                counts[verdict] = int(n)
+        return counts
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(inspections)).scalar_one())
+
+    def media_path(self, rel: str | None) -> Path | None:
+        return None if rel is None else self.media_dir / rel
+
+
+def result_from_row(row: dict[str, Any]) -> InspectionResult:
+    thresholds = None
+    if row["reject_threshold"] is not None and row["review_threshold"] is not None:
+        thresholds = Thresholds(reject=row["reject_threshold"], review=row["review_threshold"])
+    return InspectionResult(
+        request_id=row["request_id"],
+        part_id=row["part_id"],
+        station=row["station"],
+        timestamp=_utc(row["timestamp"]),
+        verdict=Verdict(row["verdict"]),
+        defect_score=row["defect_score"],
+        thresholds=thresholds,
+        model_version=row["model_version"],
+        latency_ms=row["latency_ms"],
+        reason=row["reason"],
+        image_sha256=row["image_sha256"],
+    )
+
+
+class _NullLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (review app) never block the runner's writes
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

@@ -1,0 +1,41 @@
+"""`inspection export RUN_DIR --out DIR [--int8] [--fp16] [--config FILE] [key=value ...]`.
+
+Prints the export result as JSON on stdout (parity figures, INT8 decision and speed-up); exits 1 when a check
+fails (nothing is written then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from inspection.config import load_config
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="run directory written by `inspection train`")
+    parser.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the exported model")
+    parser.add_argument("--int8", action="store_true", help="also quantize to INT8 (kept only if it passes the gate)")
+    parser.add_argument("--fp16", action="store_true", help="also write a float16 model for GPU providers")
+    parser.add_argument("--config", type=Path, default=None, help="ExportConfig YAML file")
+    parser.add_argument("overrides", nargs="*", default=[], help="ExportConfig overrides, e.g. calibration_images=200")
+
+
+def main(args: argparse.Namespace) -> int:
+    from inspection.export import ExportConfig, export_onnx
+
+    overrides = list(args.overrides)
+    if args.int8:
+        overrides.append("int8=true")
+    if args.fp16:
+        overrides.append("fp16=true")
+    config = load_config(ExportConfig, args.config, overrides)
+    result = export_onnx(config, args.run_dir, args.out)
+    print(json.dumps(result.to_dict(), indent=2))
+    if result.int8 is not None:
+        logger.info("%s", result.int8.reason)
+    return 0

@@ -1,0 +1,71 @@
+"""Configuration of the ingest stage (frozen; loadable from YAML plus key=value overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from inspection.errors import ConfigError
+from inspection.images import ImageLimits
+
+LABELS = ("ok", "defect")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    # folder name -> label; the real drop folders are named like this (any other folder: unlabelled)
+    label_map: dict[str, str] = field(default_factory=lambda: {"def_front": "defect", "ok_front": "ok"})
+    # train/val/test share of images; 15 % each for val/test keeps ~1,000 real photos per evaluation split
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    # the split must not change between runs: the seed fixes which groups go where
+    seed: int = 0
+    # 32 px: smaller than this cannot show a casting defect
+    min_side: int = 32
+    # longest side of any line camera we support
+    max_side: int = 8192
+    # decompression-bomb guard, checked on the header before decoding
+    max_pixels: int = 40_000_000
+    # refuse absurd files before reading them whole
+    max_bytes: int = 50_000_000
+    # near-duplicate candidates: cosine distance of the rotation/flip-invariant descriptors, among the
+    # `near_dup_neighbours` nearest; loose on purpose, the verification below decides
+    near_dup_max_distance: float = 0.02
+    near_dup_neighbours: int = 24
+    # same part when the aligned signatures correlate at least this much. On the real set, rotated/mirrored
+    # copies of a defective part score 0.85-0.96 and other parts ~0.2; but look-alike ok parts reach ~0.88, so
+    # this is set high to avoid chaining different parts into one huge group (see bench/ingest.py)
+    near_dup_min_similarity: float = 0.88
+    # decode+hash threads (0 = one per CPU core); OpenCV and hashlib release the GIL
+    workers: int = 0
+    # file names to skip without a record (editor/OS droppings, never camera images)
+    ignore_names: tuple[str, ...] = (".DS_Store", "Thumbs.db", "desktop.ini")
+    # show a tqdm bar (only when stderr is a terminal)
+    progress: bool = True
+
+    def validate(self) -> None:
+        bad = {k: v for k, v in self.label_map.items() if v not in LABELS}
+        if bad:
+            raise ConfigError(f"label_map: labels {bad} are not allowed; allowed: {', '.join(LABELS)}")
+        fr = self.split_fractions
+        if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            raise ConfigError(
+                f"split_fractions: got {fr}; need three non-negative numbers (train, val, test) summing to 1"
+            )
+        if self.min_side < 1 or self.max_side < self.min_side:
+            raise ConfigError(f"min_side/max_side: got {self.min_side}/{self.max_side}; need 1 ≤ min_side ≤ max_side")
+        if self.max_pixels < 1 or self.max_bytes < 1:
+            raise ConfigError(f"max_pixels/max_bytes must be positive, got {self.max_pixels}/{self.max_bytes}")
+        if not 0.0 <= self.near_dup_max_distance <= 2.0 or self.near_dup_neighbours < 0:
+            raise ConfigError(
+                f"near_dup_max_distance/near_dup_neighbours: got {self.near_dup_max_distance}/"
+                f"{self.near_dup_neighbours}; allowed: 0 ≤ distance ≤ 2, neighbours ≥ 0 (0 = no grouping)"
+            )
+        if not -1.0 <= self.near_dup_min_similarity <= 1.0:
+            raise ConfigError(f"near_dup_min_similarity: got {self.near_dup_min_similarity}; allowed: -1 … 1")
+        if self.workers < 0:
+            raise ConfigError(f"workers: got {self.workers}; allowed: 0 (one per core) or a positive count")
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(
+            min_side=self.min_side, max_side=self.max_side, max_pixels=self.max_pixels, max_bytes=self.max_bytes
+        )

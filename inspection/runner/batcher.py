@@ -1,0 +1,176 @@
+"""Micro-batching: frames that arrive together go through the model as one call (the throughput lever).
+
+One worker thread owns the model calls. `submit` returns a `concurrent.futures.Future` (await it from asyncio
+with `asyncio.wrap_future`). The worker takes whatever is queued, up to `max_batch_size`; it waits up to
+`max_wait_ms` for more only while other requests are still being read/decoded (`incoming()`), so a single
+sequential client never pays the wait, and under load batches fill by themselves while the model is busy.
+The model is looked up once per batch: a hot swap takes effect between batches, never inside one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inspection.errors import InspectionError
+from inspection.runner.inferencer import Inferencer, Prediction
+from inspection.runner.metrics import RunnerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class NoModelError(InspectionError):
+    """No verified model is loaded (yet): the part cannot get a model verdict."""
+
+
+class OverloadedError(InspectionError):
+    """The queue is full: answering late is worse than holding the part now."""
+
+
+@dataclass
+class _Item:
+    image: np.ndarray
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        get_model: Callable[[], Inferencer | None],
+        max_batch_size: int = 16,
+        max_wait_ms: float = 2.0,
+        queue_limit: int = 256,
+        metrics: RunnerMetrics | None = None,
+    ):
+        self._get_model = get_model
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.queue_limit = queue_limit
+        self.metrics = metrics
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._incoming = 0
+        self._incoming_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.batches = 0
+        self.frames = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._running = False
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        # whoever still waits gets an answer (held), not a hang
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and not item.future.done():
+                item.future.set_exception(NoModelError("the runner is shutting down"))
+
+    # -- producers -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def incoming(self):
+        """Mark a request as being read/decoded, so the worker knows more frames are about to come."""
+        with self._incoming_lock:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._incoming_lock:
+                self._incoming -= 1
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, image: np.ndarray) -> Future:
+        """Queue one uint8 RGB frame; the future resolves to a Prediction or raises (never hangs)."""
+        if not self._running:
+            raise NoModelError("the micro-batcher is not running")
+        if self._queue.qsize() >= self.queue_limit:
+            raise OverloadedError(f"{self._queue.qsize()} frames are already queued (limit {self.queue_limit})")
+        item = _Item(image)
+        self._queue.put(item)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queue.qsize())
+        return item.future
+
+    # -- worker --------------------------------------------------------------------------------------------
+
+    def _collect(self, first: _Item) -> list[_Item]:
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if self._incoming <= 0 or remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is None:  # stop signal: finish this batch, then exit
+                self._running = False
+                break
+            batch.append(item)
+        return batch
+
+    def _run(self) -> None:
+        while self._running:
+            try:
+                first = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if first is None:
+                break
+            batch = self._collect(first)
+            # a caller that timed out cancelled its future: do not spend the model on it
+            live = [it for it in batch if it.future.set_running_or_notify_cancel()]
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(self._queue.qsize())
+            if live:
+                self._infer(live)
+
+    def _infer(self, batch: list[_Item]) -> None:
+        model = self._get_model()  # once per batch: swaps land between batches
+        if model is None:
+            for it in batch:
+                it.future.set_exception(NoModelError("no verified model is loaded"))
+            return
+        try:
+            preds: list[Prediction] = model.predict([it.image for it in batch])
+        except Exception as exc:  # any failure of the model call holds these parts; the worker keeps going
+            logger.exception("inference failed for a batch of %d on model %s", len(batch), model.version)
+            for it in batch:
+                it.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.frames += len(batch)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(batch))
+        for it, pred in zip(batch, preds, strict=True):
+            it.future.set_result(pred)

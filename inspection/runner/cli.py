@@ -1,0 +1,123 @@
+"""`inspection runner serve|inspect`: serve verdicts on the line, or inspect a few files once (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from inspection.config import load_config
+from inspection.errors import ConfigError, ImageValidationError
+from inspection.images import decode_image
+from inspection.runner.config import RunnerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    serve = sub.add_parser("serve", help="serve HTTP (and folder mode / MQTT when configured)")
+    inspect = sub.add_parser("inspect", help="inspect image files once and print one JSON line per file")
+    for p in (serve, inspect):
+        p.add_argument("--registry", type=Path, help="model registry root (serves its production alias)")
+        p.add_argument("--station", help="station id (MQTT topic, default station of requests)")
+        p.add_argument("--config", type=Path, help="runner YAML (see configs/runner.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--watch", type=Path, help="camera drop folder to watch (folder mode)")
+    serve.add_argument("--store", help="decision store: directory, .sqlite file or database URL")
+    serve.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish verdicts to this MQTT broker")
+    inspect.add_argument("files", nargs="+", type=Path)
+
+
+def build_config(args: argparse.Namespace) -> RunnerConfig:
+    overrides = list(args.set)
+    if args.registry is not None:
+        overrides.append(f"registry={args.registry}")
+    if args.station:
+        overrides.append(f"station={args.station}")
+    if getattr(args, "host", None):
+        overrides.append(f"http.host={args.host}")
+    if getattr(args, "port", None):
+        overrides.append(f"http.port={args.port}")
+    if getattr(args, "watch", None):
+        overrides.append(f"folder.watch={args.watch}")
+    if getattr(args, "store", None):
+        overrides.append(f"store={args.store}")
+    if getattr(args, "mqtt", None):
+        host, _, port = args.mqtt.partition(":")
+        overrides.append(f"mqtt.host={host}")
+        if port:
+            overrides.append(f"mqtt.port={port}")
+    config = load_config(RunnerConfig, args.config, overrides)
+    if config.registry is None:
+        raise ConfigError("no model registry: pass --registry DIR or set registry in the config")
+    return config
+
+
+def _inspect_files(config: RunnerConfig, files: list[Path]) -> int:
+    from inspection.registry import Registry
+    from inspection.runner.inferencer import load_inferencer
+    from inspection.schemas import InspectionResult, Verdict
+    from inspection.thresholds import verdict_for
+
+    version = Registry(config.registry).alias(config.alias)
+    if version is None:
+        raise ConfigError(f"registry {config.registry} has no {config.alias!r} alias")
+    inf = load_inferencer(config.registry, version, config.providers, config.threads, config.model_file, warmup_runs=1)
+    held = 0
+    for path in files:
+        t0 = time.perf_counter()
+        data = path.read_bytes() if path.is_file() else b""
+        common = {
+            "request_id": uuid.uuid4().hex,
+            "part_id": path.stem,
+            "station": config.station,
+            "timestamp": datetime.now(UTC),
+            "image_sha256": hashlib.sha256(data).hexdigest() if data else None,
+        }
+        try:
+            pred = inf.predict([decode_image(data, config.image_limits)])[0]
+        except ImageValidationError as exc:
+            held += 1
+            result = InspectionResult(
+                **common,
+                verdict=Verdict.review,
+                latency_ms=(time.perf_counter() - t0) * 1000,
+                reason=f"{exc.reason}: {exc.detail}",
+            )
+        else:
+            result = InspectionResult(
+                **common,
+                verdict=verdict_for(pred.score, pred.thresholds),
+                defect_score=pred.score,
+                thresholds=pred.thresholds,
+                model_version=pred.version,
+                latency_ms=(time.perf_counter() - t0) * 1000,
+            )
+        print(result.model_dump_json())  # machine-readable output of the command
+    if held:
+        logger.warning("%d of %d files held for review (bad image)", held, len(files))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.action == "inspect":
+        return _inspect_files(config, args.files)
+    from inspection.runner.service import run_runner
+
+    run_runner(config)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _parser = argparse.ArgumentParser(prog="inspection runner")
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

@@ -1,0 +1,114 @@
+"""RunnerConfig: everything the line-side runner can be told, with why each default is what it is."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inspection.errors import ConfigError
+from inspection.images import ImageLimits
+
+TOKEN_ENV = "INSPECTION_RUNNER_TOKEN"
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"  # loopback unless the operator opens it on purpose
+    port: int = 8080  # one process only: the micro-batcher needs every request in one queue
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 16  # CPU gains little past 16; a GPU deployment raises it (e.g. 64)
+    max_wait_ms: float = 2.0  # waited only while other requests are being decoded, so one client pays nothing
+    queue_limit: int = 256  # beyond this the runner is overloaded: answer 503 (part held) instead of queueing
+    timeout_s: float = 5.0  # an answer later than this is useless to the line: 503 + review
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    token: str | None = None  # bearer token; INSPECTION_RUNNER_TOKEN in the environment wins over the file
+    required: bool = True  # inspect/results/admin endpoints refuse requests without the token
+    health: bool = False  # /healthz and /readyz are probed by orchestrators that carry no token
+    metrics: bool = False  # Prometheus scrapes usually come from the plant network without a token
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str | None = None  # no broker configured: verdicts go over HTTP/folder only
+    port: int = 1883
+    topic_prefix: str = "inspection"  # topic = <prefix>/<station>/verdict
+    qos: int = 1  # at-least-once: the PLC side de-duplicates by request_id
+    client_id: str | None = None  # default inspection-runner-<station>
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True)
+class FolderConfig:
+    watch: Path | None = None  # camera drop folder; None: folder mode off
+    poll_s: float = 0.25  # polling works on every filesystem (NFS/SMB shares included), inotify does not
+    settle_s: float = 0.2  # a file younger than this may still be being written by the camera
+    results: Path | None = None  # JSON lines; default <watch>/results.jsonl
+    processed_dir: Path | None = None  # default <watch>/processed
+    flagged_dir: Path | None = None  # default <watch>/flagged
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    enabled: bool = True  # follow the registry's alias: a promotion reaches the line without a restart
+    poll_s: float = 1.0  # aliases.json is tiny; checking its mtime each second costs nothing
+    smoke_runs: int = 1  # inference runs on a synthetic image before a new model may serve
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    registry: Path | None = None  # model registry root; the runner serves its `alias` version
+    station: str = "station-1"  # station id: default for requests that do not name one, and the MQTT topic
+    alias: str = "production"
+    model_file: str = "model.onnx"  # or "model.int8.onnx" where the version has one and the CPU gains from it
+    store: str = "runner_store"  # decision store: a directory (SQLite inside), a .sqlite path or a DB URL
+    media_dir: Path | None = None  # kept images/heatmaps; default: next to the SQLite file
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS  # tried in order; the first that really runs is used
+    threads: int | None = None  # onnxruntime intra-op threads; None: all cores
+    warmup_runs: int = 3  # first runs allocate and tune: keep them off the line's clock
+    max_image_bytes: int = ImageLimits.max_bytes
+    max_image_side: int = ImageLimits.max_side
+    min_image_side: int = ImageLimits.min_side
+    max_image_pixels: int = ImageLimits.max_pixels
+    http: HttpConfig = field(default_factory=HttpConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)
+    swap: SwapConfig = field(default_factory=SwapConfig)
+
+    def validate(self) -> None:
+        if not self.station or "/" in self.station or "+" in self.station or "#" in self.station:
+            raise ConfigError(f"station {self.station!r} must be non-empty and contain no '/', '+' or '#'")
+        if self.batching.max_batch_size < 1:
+            raise ConfigError(f"batching.max_batch_size must be ≥ 1, got {self.batching.max_batch_size}")
+        if self.batching.max_wait_ms < 0 or self.batching.timeout_s <= 0:
+            raise ConfigError("batching.max_wait_ms must be ≥ 0 and batching.timeout_s > 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be ≥ 1 or null, got {self.threads}")
+        if self.mqtt.qos not in (0, 1, 2):
+            raise ConfigError(f"mqtt.qos must be 0, 1 or 2, got {self.mqtt.qos}")
+        unknown = [p for p in self.providers if not p.endswith("ExecutionProvider")]
+        if unknown:
+            raise ConfigError(f"providers {unknown} are not onnxruntime provider names (e.g. CPUExecutionProvider)")
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            min_side=self.min_image_side,
+            max_side=self.max_image_side,
+            max_pixels=self.max_image_pixels,
+            max_bytes=self.max_image_bytes,
+        )
+
+    def resolved_token(self) -> str | None:
+        return os.environ.get(TOKEN_ENV) or self.auth.token

@@ -1,0 +1,155 @@
+"""Hot model swap: follow the registry's alias and replace the serving model without dropping a request.
+
+A background thread polls the mtime of `REGISTRY/aliases.json` (the registry writes it atomically). When it
+changes (or no model serves yet), the alias is resolved; a new version is loaded, verified (sha256, smoke
+inference) and warmed in this thread while the old one keeps serving, then published by one reference
+assignment, which the micro-batcher reads once per batch. A version that fails any check is refused: the old
+model keeps serving, the failure is logged and counted, and the version is not retried until the alias changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from inspection.runner.inferencer import Inferencer, load_inferencer
+from inspection.runner.metrics import RunnerMetrics
+
+logger = logging.getLogger(__name__)
+
+ALIASES_FILE = "aliases.json"
+NO_MODEL_RETRY_S = 10.0  # while nothing serves, re-read the alias this often even if the file did not change
+
+
+class ModelHolder:
+    """The serving model. Reading `.current` is one attribute load (atomic in CPython): no lock on the hot path."""
+
+    def __init__(self) -> None:
+        self.current: Inferencer | None = None
+        self.ready = threading.Event()
+
+    def swap(self, new: Inferencer) -> Inferencer | None:
+        old, self.current = self.current, new
+        self.ready.set()
+        return old
+
+
+class HotSwapper:
+    def __init__(
+        self,
+        registry_root: str | Path,
+        holder: ModelHolder,
+        alias: str = "production",
+        poll_s: float = 1.0,
+        metrics: RunnerMetrics | None = None,
+        loader: Callable[[str], Inferencer] | None = None,
+    ):
+        self.root = Path(registry_root)
+        self.holder = holder
+        self.alias = alias
+        self.poll_s = poll_s
+        self.metrics = metrics
+        self._load = loader or (lambda version: load_inferencer(self.root, version))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one check at a time (poll thread vs admin endpoint)
+        self._last_mtime: float | None = None
+        self._last_attempt = 0.0
+        self.refused: dict[str, str] = {}  # version -> why; not retried until the alias file changes
+        self.last_error: str | None = None
+
+    def _aliases_mtime(self) -> float | None:
+        try:
+            return (self.root / ALIASES_FILE).stat().st_mtime_ns / 1e9
+        except FileNotFoundError:
+            return None
+
+    def resolve(self) -> str | None:
+        from inspection.registry import Registry
+
+        return Registry(self.root).alias(self.alias)
+
+    def check(self, force: bool = False) -> str:
+        """Bring the serving model in line with the alias. Returns 'unchanged', 'swapped', 'refused' or 'no_alias'."""
+        with self._lock:
+            mtime = self._aliases_mtime()
+            changed = mtime != self._last_mtime
+            if changed:
+                self.refused.clear()  # a new promotion (even of a refused version) deserves a new try
+            self._last_mtime = mtime
+            self._last_attempt = time.monotonic()
+            try:
+                version = self.resolve()
+            except Exception as exc:  # a registry mid-write or unreadable: keep serving, try again later
+                self.last_error = f"alias {self.alias!r} could not be read: {exc}"
+                logger.error("hot swap: %s", self.last_error)
+                if self.metrics is not None:
+                    self.metrics.errors.labels("registry").inc()
+                return "refused"
+            current = self.holder.current
+            if version is None:
+                self.last_error = f"registry {self.root} has no {self.alias!r} alias"
+                if current is None:
+                    logger.warning("%s: not ready", self.last_error)
+                return "no_alias"
+            if current is not None and current.version == version:
+                return "unchanged"
+            if version in self.refused and not force:
+                return "refused"
+            logger.info(
+                "hot swap: %s -> %s: loading, verifying and warming in the background",
+                current.version if current else None,
+                version,
+            )
+            try:
+                new = self._load(version)
+            except Exception as exc:  # noqa: BLE001 - whatever went wrong, this version must not serve
+                why = f"{type(exc).__name__}: {exc}"
+                self.refused[version] = why
+                self.last_error = f"version {version} refused: {why}"
+                logger.error(
+                    "hot swap: version %s REFUSED (%s); still serving %s",
+                    version,
+                    why,
+                    current.version if current else "nothing",
+                )
+                if self.metrics is not None:
+                    self.metrics.swaps.labels("refused").inc()
+                    self.metrics.errors.labels("model_load").inc()
+                return "refused"
+            old = self.holder.swap(new)
+            self.last_error = None
+            if self.metrics is not None:
+                self.metrics.swaps.labels("swapped").inc()
+                self.metrics.set_model(new.version, new.provider, self.alias)
+            logger.info(
+                "hot swap: now serving %s on %s (was %s)", new.version, new.provider, old.version if old else None
+            )
+            return "swapped"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            due = self._aliases_mtime() != self._last_mtime or (
+                self.holder.current is None and time.monotonic() - self._last_attempt > NO_MODEL_RETRY_S
+            )
+            if due:
+                try:
+                    self.check()
+                except Exception:  # the watcher must survive anything; the old model keeps serving
+                    logger.exception("hot swap check failed")
+            self._stop.wait(self.poll_s)
+
+    def start(self, initial: bool = True) -> None:
+        if initial:
+            self.check()
+        self._thread = threading.Thread(target=self._run, name="hot-swap", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None

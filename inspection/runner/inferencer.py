@@ -1,0 +1,141 @@
+"""The model as the runner uses it: one registry version loaded in onnxruntime, verified, warm (no torch).
+
+`load_inferencer` resolves a registry version, checks the model file's sha256, lets `select_providers` decide by
+trying which execution provider really runs here (TensorRT, then CUDA, then CPU), runs a smoke inference that
+must give sane outputs, and warms the session up. `Inferencer.predict` takes decoded camera frames of any sizes
+and groups them by shape, because the graph takes one (N, H, W, 3) tensor per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inspection.errors import InspectionError
+from inspection.schemas import ModelCard, Thresholds
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRejectedError(InspectionError):
+    """A model version failed verification (sha256, smoke inference) and must not serve."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    score: float  # defect probability in [0, 1]
+    heatmap: np.ndarray  # (h, w) float32 in [0, 1]
+    version: str  # the model version that produced it (a swap may happen between two batches)
+    thresholds: Thresholds
+
+
+class Inferencer:
+    """A loaded, verified and warm model version. Thread-compatible: one batch at a time per instance."""
+
+    def __init__(self, model, version: str, card: ModelCard, model_path: Path):
+        self.model = model  # inspection.onnx_infer.OnnxModel (duck-typed: .predict, .provider)
+        self.version = version
+        self.card = card
+        self.model_path = Path(model_path)
+        self.thresholds = card.thresholds
+        self.provider = str(getattr(model, "provider", "unknown"))
+        self.input_size = int(card.preprocess.get("input_size", 224))
+        self.loaded_at = time.time()
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """uint8 RGB frames (H_i, W_i, 3) -> one Prediction each, in order (frames grouped by shape)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(img.shape, []).append(i)
+        out: list[Prediction | None] = [None] * len(images)
+        for indices in groups.values():
+            # (N, H, W, 3); a single frame is a view, no copy
+            batch = images[indices[0]][None] if len(indices) == 1 else np.stack([images[i] for i in indices])
+            probs, heatmaps = self.model.predict(np.ascontiguousarray(batch, dtype=np.uint8))
+            probs = np.asarray(probs, dtype=np.float32).reshape(-1)
+            if probs.shape[0] != len(indices) or not np.all(np.isfinite(probs)):
+                raise ModelRejectedError(
+                    f"model {self.version} returned {probs.shape[0]} scores for {len(indices)} images "
+                    f"(finite: {bool(np.all(np.isfinite(probs)))})"
+                )
+            for j, i in enumerate(indices):
+                score = float(min(max(probs[j], 0.0), 1.0))
+                out[i] = Prediction(score, heatmaps[j], self.version, self.thresholds)
+        return out  # type: ignore[return-value]
+
+    def smoke_test(self, runs: int = 1) -> None:
+        """Run synthetic frames through the model; raise ModelRejectedError unless outputs are sane."""
+        rng = np.random.default_rng(0)
+        size = self.input_size
+        frames = [
+            np.full((size, size, 3), 128, np.uint8),
+            rng.integers(0, 256, (size + 13, size + 7, 3), dtype=np.uint8),  # the graph must resize any frame
+        ]
+        for _ in range(max(1, runs)):
+            try:
+                preds = self.predict(frames)
+            except ModelRejectedError:
+                raise
+            except Exception as exc:  # onnxruntime raises its own types: any failure means "do not serve"
+                raise ModelRejectedError(f"model {self.version}: smoke inference failed: {exc}") from exc
+            for p in preds:
+                if not 0.0 <= p.score <= 1.0 or p.heatmap.ndim != 2 or not np.all(np.isfinite(p.heatmap)):
+                    raise ModelRejectedError(
+                        f"model {self.version}: smoke output out of contract (score {p.score}, heatmap "
+                        f"shape {getattr(p.heatmap, 'shape', None)})"
+                    )
+
+    def warm_up(self, runs: int = 3, shapes: Sequence[tuple[int, int]] = ()) -> float:
+        """Run a few inferences so the first real part does not pay for allocation; returns seconds spent."""
+        t0 = time.perf_counter()
+        sizes = [(self.input_size, self.input_size), *shapes]
+        for h, w in sizes:
+            frame = np.full((h, w, 3), 100, np.uint8)
+            for _ in range(runs):
+                self.predict([frame])
+        return time.perf_counter() - t0
+
+
+def load_inferencer(
+    registry_root: str | Path,
+    version: str,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    model_file: str = "model.onnx",
+    smoke_runs: int = 1,
+    warmup_runs: int = 3,
+    warmup_shapes: Sequence[tuple[int, int]] = (),
+) -> Inferencer:
+    """Load `version` from the registry, verify (sha256 + smoke inference) and warm it. Never returns a model
+    that failed a check: raises ModelRejectedError (or the registry's IntegrityError/RegistryError)."""
+    from inspection.onnx_infer import OnnxModel
+    from inspection.registry import Registry
+
+    t0 = time.perf_counter()
+    mv = Registry(registry_root).get(version)  # verifies every file's sha256 against the card
+    path = Path(mv.dir) / model_file if model_file != "model.onnx" else Path(mv.model_path)
+    if not path.is_file():
+        raise ModelRejectedError(f"version {version} has no {path.name}; files: {sorted(mv.card.files)}")
+    expected = mv.card.files.get(path.name)
+    if expected is None:
+        raise ModelRejectedError(f"version {version}: {path.name} has no sha256 in its model card")
+    # OnnxModel tries each preferred provider with a real session + inference and keeps the first that runs
+    model = OnnxModel(path, providers=list(providers) if providers else None, threads=threads, expected_sha256=expected)
+    inf = Inferencer(model, mv.version, mv.card, path)
+    inf.smoke_test(smoke_runs)
+    warm_s = inf.warm_up(warmup_runs, warmup_shapes)
+    logger.info(
+        "model %s loaded from %s on %s (threads %s): verified and warm in %.2f s (warm-up %.2f s)",
+        inf.version,
+        path.name,
+        inf.provider,
+        threads or "all",
+        time.perf_counter() - t0,
+        warm_s,
+    )
+    return inf

@@ -1,0 +1,121 @@
+"""The training stage's configuration: one frozen dataclass, loaded from YAML plus `key=value` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from inspection.errors import ConfigError
+
+LITE0 = "tf_efficientnet_lite0"  # same name as inspection.models.backbone.LITE0 (kept here: no torch import)
+
+MODES = ("head", "partial", "full")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentations for top-view castings: a part may lie at any angle and either side up, under drifting light."""
+
+    enabled: bool = True  # off for the "no augmentation" baselines
+    rotate_limit: int = 180  # parts lie at any angle on the conveyor
+    rotate_p: float = 0.7  # keep some un-rotated views: the camera sees many parts at their nominal pose
+    hflip_p: float = 0.5  # a flipped casting is still a plausible casting
+    vflip_p: float = 0.5
+    brightness_limit: float = 0.15  # lamp ageing and exposure drift between shifts
+    contrast_limit: float = 0.15
+    brightness_contrast_p: float = 0.5
+    gamma_limit: tuple[int, int] = (85, 115)  # camera gamma / sensor response drift, in percent
+    gamma_p: float = 0.3
+    blur_limit: int = 3  # largest blur kernel: slight defocus or motion, never enough to hide a blowhole
+    blur_p: float = 0.1
+    noise_std_range: tuple[float, float] = (0.01, 0.04)  # sensor noise as a fraction of 255 (std_range, not var_limit)
+    noise_p: float = 0.2
+
+    def validate(self) -> None:
+        if not 0 <= self.rotate_limit <= 180:
+            raise ConfigError(f"augment.rotate_limit: got {self.rotate_limit}, allowed 0..180 degrees")
+        for name in ("rotate_p", "hflip_p", "vflip_p", "brightness_contrast_p", "gamma_p", "blur_p", "noise_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"augment.{name}: got {value}, allowed 0..1 (a probability)")
+        if self.blur_limit < 3:
+            raise ConfigError(f"augment.blur_limit: got {self.blur_limit}, allowed an odd kernel size >= 3")
+        lo, hi = self.noise_std_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"augment.noise_std_range: got {self.noise_std_range}, allowed 0 <= lo <= hi <= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; the resolved copy is written to RUN_DIR/config.yaml."""
+
+    data: str | None = None  # store, manifest or def_front/ok_front folder; the CLI's --data overrides it
+    work_dir: str | None = None  # where a raw folder is ingested; None = RUN_DIR/store (share it between runs)
+    backbone: str = LITE0  # the backbone whose packaged ImageNet weights we ship
+    pretrained: bool = True  # False = from scratch (only for the data-efficiency comparison)
+    weights: str | None = None  # local weights file for backbones other than tf_efficientnet_lite0
+    input_size: int = 224  # the weights were trained at 224; smaller is faster on a CPU
+    dropout: float = 0.2  # before the linear head
+    mode: Literal["head", "partial", "full"] = "partial"  # partial is the best accuracy/time trade-off on a CPU
+    trainable_blocks: int = 2  # partial: last N backbone stages (plus conv_head) are trained
+    epochs: int = 8  # partial/full: few epochs suffice from ImageNet features
+    head_epochs: int = 60  # head mode trains on cached features: an epoch costs milliseconds
+    head_views: int = 0  # head mode: augmented views per training image whose features are cached too
+    batch_size: int = 32
+    lr: float = 1e-3  # the new head's learning rate
+    backbone_lr: float = 3e-4  # the last trained stage's learning rate (partial/full)
+    layer_decay: float = 0.6  # full: each earlier stage learns this much slower (discriminative learning rates)
+    weight_decay: float = 1e-4  # AdamW's decoupled decay, on the head and on non-L2-SP parameters
+    l2sp: float = 1e-4  # full/partial: pull the trained backbone toward its pretrained weights (L2-SP)
+    freeze_bn: bool = True  # keep pretrained BatchNorm statistics (small CPU batches); ignored from scratch
+    warmup_epochs: float = 1.0  # linear warm-up before the cosine decay, so the new head does not wreck the trunk
+    patience: int = 4  # early stopping: epochs without validation improvement
+    monitor: Literal["val_loss", "val_auc", "val_accuracy"] = "val_loss"  # val loss still moves when AUC is 1.0
+    balance: Literal["pos_weight", "sampler", "none"] = "pos_weight"  # class imbalance: weight the loss
+    label_smoothing: float = 0.0  # 0 keeps probabilities honest for threshold calibration
+    target_escape_rate: float = 0.005  # calibrated reject threshold: at most this share of defects passes on val
+    review_escape_rate: float | None = 0.0  # review band: below the lower threshold at most this share of defects
+    review_fraction: float | None = None  # alternative: review threshold = this fraction of the reject threshold
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a grad scaler
+    channels_last: bool = True  # CUDA only: faster convolutions on tensor cores
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    num_workers: int = 0  # DataLoader workers; 0 on a 2-core box (decode is cheaper than a process hop)
+    feature_cache: str | None = None  # directory of cached head-mode features keyed by sha256+backbone+size+weights
+    resume: bool = False  # continue from RUN_DIR/last.pt if it exists
+    progress: bool = True  # tqdm bar with images/s when stderr is a terminal
+    max_per_class: int | None = None  # use at most N training images per class (data-efficiency studies)
+    plots: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: got {self.mode!r}, allowed: {', '.join(MODES)}")
+        if self.input_size < 32:
+            raise ConfigError(f"input_size: got {self.input_size}, allowed >= 32 pixels")
+        for name in ("epochs", "head_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: got {getattr(self, name)}, allowed >= 1")
+        if self.trainable_blocks < 1:
+            raise ConfigError(f"trainable_blocks: got {self.trainable_blocks}, allowed >= 1")
+        if self.head_views < 0:
+            raise ConfigError(f"head_views: got {self.head_views}, allowed >= 0")
+        for name in ("lr", "backbone_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: got {getattr(self, name)}, allowed > 0")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay: got {self.layer_decay}, allowed 0 < x <= 1")
+        if not 0 <= self.target_escape_rate < 1:
+            raise ConfigError(f"target_escape_rate: got {self.target_escape_rate}, allowed 0 <= x < 1")
+        if self.review_escape_rate is not None and not 0 <= self.review_escape_rate <= self.target_escape_rate:
+            raise ConfigError(
+                f"review_escape_rate: got {self.review_escape_rate}, allowed 0 <= x <= target_escape_rate "
+                f"({self.target_escape_rate}): the review threshold must not be above the reject threshold"
+            )
+        if self.review_fraction is not None and not 0 <= self.review_fraction <= 1:
+            raise ConfigError(f"review_fraction: got {self.review_fraction}, allowed 0..1")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise ConfigError(f"max_per_class: got {self.max_per_class}, allowed >= 1 or null")
+        if self.weights is not None and not self.pretrained:
+            raise ConfigError("weights is set but pretrained is false: drop --from-scratch or the weights file")
