@@ -43,8 +43,16 @@ def ingest_flow(
     if review_db:
         labels = collect_review_labels(review_db)
         relabelled = apply_labels(store, labels)
-    counts = result.counts()
-    counts["review_labels_applied"] = relabelled
+    counts = {
+        "files_seen": result.n_files,
+        "already_known": result.already_known,
+        "accepted": result.accepted,
+        "duplicates": result.duplicates,
+        **{f"quarantined:{reason}": n for reason, n in sorted(result.quarantined.items())},
+        "near_duplicate_groups": result.groups,
+        "images_in_store": result.total_accepted,
+        "review_labels_applied": relabelled,
+    }
     create_table_artifact(
         key="ingest-counts",
         table=[{"what": k, "count": v} for k, v in counts.items()],

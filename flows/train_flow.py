@@ -9,15 +9,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from inspection.config import load_config
-from inspection.train import TrainConfig, run_train
-from inspection.train.report import card_markdown, metrics_rows
+from inspection.reporting import card_markdown, metrics_rows
+from inspection.train import TrainConfig, TrainResult, run_train
 
 
 @task
-def train_model(config_path: str | None, overrides: list[str], store: str, out: str) -> str:
+def train_model(config_path: str | None, overrides: list[str], store: str, out: str) -> TrainResult:
     config = load_config(TrainConfig, config_path, overrides)
-    result = run_train(config, Path(store), Path(out))
-    return str(result.run_dir)
+    return run_train(config, Path(store), Path(out))
 
 
 @flow(name="train")
@@ -30,9 +29,10 @@ def train_flow(
 ) -> str:
     """Train a run directory `out` from the ingest store `store`; returns the run directory."""
     logger = get_run_logger()
-    run_dir = Path(train_model(config, [f"mode={mode}", *(overrides or [])], store, out))
-    create_table_artifact(key="train-metrics", table=metrics_rows(run_dir), description=f"Metrics of {run_dir}")
-    create_markdown_artifact(key="model-card", markdown=card_markdown(run_dir), description="Model card")
+    result = train_model(config, [f"mode={mode}", *(overrides or [])], store, out)
+    run_dir = result.run_dir
+    create_table_artifact(key="train-metrics", table=metrics_rows(result.metrics), description=f"Metrics of {run_dir}")
+    create_markdown_artifact(key="model-card", markdown=card_markdown(result.card), description="Model card")
     for plot in sorted((run_dir / "plots").glob("*.png")):
         create_link_artifact(key=f"plot-{plot.stem.replace('_', '-')}"[:60], link=plot.resolve().as_uri())
     logger.info("trained %s", run_dir)

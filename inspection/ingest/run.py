@@ -392,6 +392,9 @@ def _group_and_split(
     """(sha -> group_id, sha -> split, number of earlier groups merged) for every accepted image."""
     if not order:
         return {}, {}, 0
+    if not new_features and all(old_group.get(s, (None, None))[0] for s in order):
+        # nothing new: keep the groups and splits as recorded (a re-run must be cheap and change nothing)
+        return {s: old_group[s][0] for s in order}, {s: old_group[s][1] for s in order}, 0
     desc = np.zeros((len(order), dedup.DESCRIPTOR_DIM), np.float32)
     for i, sha in enumerate(order):
         vec = new_features[sha][0] if sha in new_features else old_desc.get(sha)

@@ -81,6 +81,8 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
         min_password_length=config.min_password_length,
         max_login_failures=config.max_login_failures,
         login_lockout_s=config.login_lockout_s,
+        password_time_cost=config.password_time_cost,
+        password_memory_kib=config.password_memory_kib,
     )
     zone = ZoneInfo(config.display_timezone)
     media_root = store.media_dir.resolve()

@@ -121,19 +121,27 @@ class Auth:
         min_password_length: int = 10,
         max_login_failures: int = 5,
         login_lockout_s: float = 300.0,
+        password_time_cost: int = 3,
+        password_memory_kib: int = 65536,
     ):
         self.engine = engine
         self.session_ttl = timedelta(hours=session_hours)
         self.min_password_length = min_password_length
         self.max_login_failures = max_login_failures
         self.login_lockout_s = login_lockout_s
-        self.hasher = PasswordHasher()
+        self.hasher = PasswordHasher(time_cost=password_time_cost, memory_cost=password_memory_kib)
         auth_metadata.create_all(engine)
         self._failures: dict[str, list[float]] = {}
         self._failures_lock = threading.Lock()
         self.serializer = URLSafeTimedSerializer(self._secret(), salt="inspection-review")
+        self._dummy: str | None = None
+
+    @property
+    def _dummy_hash(self) -> str:
         # A hash to verify against when the user does not exist, so timing does not reveal valid names.
-        self._dummy_hash = self.hasher.hash(secrets.token_hex(16))
+        if self._dummy is None:
+            self._dummy = self.hasher.hash(secrets.token_hex(16))
+        return self._dummy
 
     # -- secret --------------------------------------------------------------------------------------------
 

@@ -97,7 +97,12 @@ def _auth(config: ReviewConfig):
     from inspection.review.queries import open_store
 
     store = open_store(config.store, config.media_dir)
-    return Auth(store.engine, min_password_length=config.min_password_length)
+    return Auth(
+        store.engine,
+        min_password_length=config.min_password_length,
+        password_time_cost=config.password_time_cost,
+        password_memory_kib=config.password_memory_kib,
+    )
 
 
 def main(args: argparse.Namespace) -> int:

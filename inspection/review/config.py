@@ -22,6 +22,8 @@ class ReviewConfig:
     cookie_secure: bool = False  # set true behind HTTPS; false lets the app work over plain loopback HTTP
     page_size: int = 50  # queue rows per page: a screenful, so nobody scrolls past waiting parts
     min_password_length: int = 10  # passphrases, not PINs; argon2 makes guessing slow but not impossible
+    password_time_cost: int = 3  # argon2id passes (argon2-cffi's RFC 9106 low-memory profile: ~0.1-0.3 s a login)
+    password_memory_kib: int = 65536  # argon2id memory per hash: 64 MiB makes GPU guessing expensive
     max_login_failures: int = 5  # per user name inside the lockout window, then logins are refused ...
     login_lockout_s: float = 300.0  # ... for this long: enough to stop guessing, short enough not to block a shift
     stats_default_hours: float = 24.0  # the statistics page covers the last day (hourly bars) unless asked otherwise
@@ -35,6 +37,11 @@ class ReviewConfig:
             raise ConfigError(f"review.page_size: got {self.page_size}, allowed 1..1000")
         if self.min_password_length < 8:
             raise ConfigError(f"review.min_password_length: got {self.min_password_length}, must be at least 8")
+        if self.password_time_cost < 1 or self.password_memory_kib < 1024:
+            raise ConfigError(
+                f"review.password_time_cost must be >= 1 (got {self.password_time_cost}) and "
+                f"review.password_memory_kib >= 1024 (got {self.password_memory_kib})"
+            )
         if self.max_login_failures < 1 or self.login_lockout_s < 0:
             raise ConfigError("review.max_login_failures must be >= 1 and review.login_lockout_s >= 0")
         try:

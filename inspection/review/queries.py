@@ -110,14 +110,15 @@ def open_store(store: DecisionStore | str | Path, media_dir: str | Path | None =
 
 
 def effective_subquery() -> Subquery:
-    """request_id -> effective_id (None if undecided) for every part that has at least one review row."""
+    """request_id -> effective_id (None if undecided) and changed_at (time of the part's latest review row) for every
+    part that has at least one review row."""
     last = select(reviews.c.request_id, func.max(reviews.c.id).label("last_id")).group_by(reviews.c.request_id)
     last = last.subquery("last")
     latest = reviews.alias("latest")
     undone = reviews.alias("undone")
     effective_id = case((latest.c.action == UNDO, undone.c.replaces), else_=latest.c.id).label("effective_id")
     return (
-        select(last.c.request_id, effective_id)
+        select(last.c.request_id, effective_id, latest.c.decided_at.label("changed_at"))
         .select_from(last)
         .join(latest, latest.c.id == last.c.last_id)
         .outerjoin(undone, undone.c.id == latest.c.replaces)
@@ -423,9 +424,12 @@ def reviewed_labels(
     """Labels from QA decisions, for `inspection.ingest.apply_review_labels` and `inspection review export`.
 
     Returns `(image_sha256, image_path, label, reviewer, decided_at)` per image, label 'defect' (confirm_defect)
-    or 'ok' (override_ok), from each part's effective decision (undone decisions do not count). `image_path`
-    is absolute (or None when the image was not kept). Parts without an image hash are skipped. When the same
-    image was inspected more than once, the latest decision wins. Sorted by decided_at, then sha256.
+    or 'ok' (override_ok), from each part's effective decision (undone decisions do not count); `reviewer` is who
+    made that decision. `decided_at` is when the label took effect: the time of the part's latest review row, so
+    that after an undo brings back an earlier decision, its label is newer than the withdrawn one (consumers such
+    as `apply_review_labels` keep the latest label per image). `image_path` is absolute (None when the image was
+    not kept). Parts without an image hash are skipped. When the same image was inspected more than once, the
+    latest label wins. Sorted by decided_at, then sha256.
     """
     st = open_store(store, media_dir)
     eff = effective_subquery()
@@ -436,18 +440,46 @@ def reviewed_labels(
             inspections.c.image_path,
             decision.c.action,
             decision.c.reviewer,
-            decision.c.decided_at,
+            eff.c.changed_at,
             decision.c.id,
         )
         .select_from(inspections)
         .join(eff, eff.c.request_id == inspections.c.request_id)
         .join(decision, decision.c.id == eff.c.effective_id)
         .where(inspections.c.image_sha256.is_not(None), decision.c.action.in_(DECISION_ACTIONS))
-        .order_by(decision.c.decided_at, decision.c.id)
+        .order_by(eff.c.changed_at, decision.c.id)
     )
     latest: dict[str, tuple[str, str | None, str, str, datetime]] = {}
     with st.engine.connect() as conn:
-        for sha, rel, action, reviewer, decided_at, _ in conn.execute(stmt):
+        for sha, rel, action, reviewer, changed_at, _ in conn.execute(stmt):
             path = str((st.media_dir / rel).resolve()) if rel else None
-            latest[sha] = (sha, path, LABEL_OF_ACTION[action], reviewer, _utc(decided_at))  # later rows win
+            latest[sha] = (sha, path, LABEL_OF_ACTION[action], reviewer, _utc(changed_at))  # later rows win
     return sorted(latest.values(), key=lambda t: (t[4], t[0]))
+
+
+def withdrawn_labels(
+    store: DecisionStore | str | Path, media_dir: str | Path | None = None
+) -> list[tuple[str, datetime]]:
+    """`(image_sha256, withdrawn_at)` of images that had a QA label which was undone, leaving no decision.
+
+    `reviewed_labels` no longer lists them; a consumer that already applied their old label can drop it.
+    Images that still carry a label through another inspection of the same image are not listed.
+    """
+    st = open_store(store, media_dir)
+    eff = effective_subquery()
+    stmt = (
+        select(inspections.c.image_sha256, eff.c.effective_id, eff.c.changed_at)
+        .select_from(inspections)
+        .join(eff, eff.c.request_id == inspections.c.request_id)
+        .where(inspections.c.image_sha256.is_not(None))
+    )
+    labelled: set[str] = set()
+    withdrawn: dict[str, datetime] = {}
+    with st.engine.connect() as conn:
+        for sha, effective_id, changed_at in conn.execute(stmt):
+            if effective_id is not None:
+                labelled.add(sha)
+            else:
+                at = _utc(changed_at)
+                withdrawn[sha] = max(withdrawn.get(sha, at), at)  # type: ignore[type-var]
+    return sorted(((sha, at) for sha, at in withdrawn.items() if sha not in labelled), key=lambda t: (t[1], t[0]))

@@ -224,7 +224,10 @@ def predict_scores(
     device = device or torch.device("cpu")
     was_training = net.training
     net.eval()
-    loader = torch.utils.data.DataLoader(ImageDataset(samples, size_hw), batch_size=batch_size, shuffle=False)
+    # its own generator: creating a loader iterator draws a seed, which must not shift the training RNG
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(samples, size_hw), batch_size=batch_size, shuffle=False, generator=torch.Generator()
+    )
     out = []
     ctx = amp_context(device, config) if config is not None else nullcontext()
     for images, _ in loader:
@@ -287,7 +290,9 @@ def extract_pooled(
     feats: dict[int, torch.Tensor] = {}
     if todo:
         dataset = ImageDataset([samples[i] for i in todo], size_hw, augment)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False, num_workers=config.num_workers)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=64, shuffle=False, num_workers=config.num_workers, generator=torch.Generator()
+        )
         pos = 0
         for images, _ in _progress(loader, len(loader), desc, config.progress):
             with amp_context(device, config):

@@ -113,24 +113,11 @@ def test_cli_adapt_and_gap_print_json(tiny_run, night_dir, synth_dir, tmp_path, 
     from inspection.cli import main
 
     out = tmp_path / "cli_run"
-    assert (
-        main(
-            [
-                "adapt",
-                str(tiny_run),
-                "--target",
-                str(night_dir),
-                "--out",
-                str(out),
-                "max_source_images=32",
-                "gap.calibration_splits=2",
-            ]
-        )
-        == 0
-    )
+    args = ["adapt", str(tiny_run), "max_source_images=32", "gap.calibration_splits=2"]
+    assert main([*args, "--target", str(night_dir), "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["run_dir"] == str(out) and (out / "checkpoint.pt").is_file()
-    assert main(["gap", str(synth_dir), str(night_dir), "--run", str(tiny_run), "calibration_splits=3"]) == 0
+    assert main(["gap", str(synth_dir), str(night_dir), "calibration_splits=3", "--run", str(tiny_run)]) == 0
     gap = json.loads(capsys.readouterr().out)
     assert {"score", "noise_floor", "warn_level", "warning", "message"} <= set(gap)
     assert main(["adapt", str(tiny_run), "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1

@@ -25,7 +25,11 @@ NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
 def env(tmp_path: Path):
     store = DecisionStore(tmp_path / "store")
     parts = [p for p in seed_store(store, n=5, n_pass=2, seed=2, now=NOW) if p.verdict != "pass"]
-    app = create_app(ReviewConfig(store=str(tmp_path / "store"), max_login_failures=3), store=store)
+    # a cheap argon2 profile keeps the tests quick; the production profile is tested in test_review_auth.py
+    config = ReviewConfig(
+        store=str(tmp_path / "store"), max_login_failures=3, password_time_cost=1, password_memory_kib=1024
+    )
+    app = create_app(config, store=store)
     app.state.auth.add_user("rita", PASSWORD, "reviewer")
     app.state.auth.add_user("adam", PASSWORD, "admin")
     yield app, store, [p.request_id for p in parts]
@@ -102,7 +106,13 @@ def test_decide_moves_on_and_is_in_the_audit_trail(env) -> None:
     client, token = login(app)
     r = client.post(
         f"/parts/{ids[0]}/decision",
-        data={"csrf_token": token, "action": "confirm_defect", "defect_type": "blowhole", "comment": "two pores", "expected": ""},
+        data={
+            "csrf_token": token,
+            "action": "confirm_defect",
+            "defect_type": "blowhole",
+            "comment": "two pores",
+            "expected": "",
+        },
         follow_redirects=False,
     )
     assert r.status_code == 303 and r.headers["location"].startswith(f"/parts/{ids[1]}?")
@@ -142,8 +152,11 @@ def test_last_decision_clears_the_queue(env) -> None:
     app, store, ids = env
     client, token = login(app)
     for rid in ids:
-        r = client.post(f"/parts/{rid}/decision", data={"csrf_token": token, "action": "override_ok", "expected": ""},
-                        follow_redirects=False)
+        r = client.post(
+            f"/parts/{rid}/decision",
+            data={"csrf_token": token, "action": "override_ok", "expected": ""},
+            follow_redirects=False,
+        )
     assert r.headers["location"].startswith("/queue") and "queue_empty" in r.headers["location"]
     assert "Every flagged part" in client.get("/queue").text
     assert len(q.queue(store, q.QueueFilters(status="all"))) == 5
@@ -153,8 +166,10 @@ def test_stats_page_and_api(env) -> None:
     app, store, ids = env
     client, token = login(app)
     client.post(f"/parts/{ids[0]}/decision", data={"csrf_token": token, "action": "override_ok", "expected": ""})
-    client.post(f"/parts/{ids[1]}/decision", data={"csrf_token": token, "action": "confirm_defect",
-                                                   "defect_type": "shrinkage", "expected": ""})
+    client.post(
+        f"/parts/{ids[1]}/decision",
+        data={"csrf_token": token, "action": "confirm_defect", "defect_type": "shrinkage", "expected": ""},
+    )
     params = "since=2024-05-06T00:00&until=2024-05-06T13:00"
     html = client.get(f"/stats?{params}").text
     assert html.count('<svg class="chart"') == 3
@@ -169,10 +184,15 @@ def test_admin_adds_and_disables_users_from_the_page(env) -> None:
     app, _, _ = env
     admin, token = login(app, "adam")
     assert "rita" in admin.get("/admin/users").text
-    r = admin.post("/admin/users", data={"csrf_token": token, "username": "nora", "password": "short", "role": "reviewer"})
+    r = admin.post(
+        "/admin/users", data={"csrf_token": token, "username": "nora", "password": "short", "role": "reviewer"}
+    )
     assert r.status_code == 400 and "at least 10" in r.text
-    r = admin.post("/admin/users", data={"csrf_token": token, "username": "nora", "password": PASSWORD * 2,
-                                         "role": "reviewer"}, follow_redirects=False)
+    r = admin.post(
+        "/admin/users",
+        data={"csrf_token": token, "username": "nora", "password": PASSWORD * 2, "role": "reviewer"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303
     nora, _ = login(app, "nora", PASSWORD * 2)
     assert nora.get("/queue").status_code == 200
@@ -207,7 +227,9 @@ def _route_calls(ids: list[str]) -> list[tuple[str, str]]:
 
 def test_every_route_is_covered_by_the_security_tests(env) -> None:
     app, _, ids = env
-    covered = {(m, re.sub(r"[0-9a-f]{32}", "{request_id}", p).replace("/rita", "/{username}")) for m, p in _route_calls(ids)}
+    covered = {
+        (m, re.sub(r"[0-9a-f]{32}", "{request_id}", p).replace("/rita", "/{username}")) for m, p in _route_calls(ids)
+    }
     routes = {
         (method, route.path)
         for route in app.routes
@@ -221,8 +243,18 @@ def test_nothing_without_a_session(env) -> None:
     app, store, ids = env
     client = TestClient(app)
     for method, path in _route_calls(ids):
-        r = client.request(method, path, data={"action": "confirm_defect", "username": "x", "password": PASSWORD * 2,
-                                                "role": "admin", "change": "disable"}, follow_redirects=False)
+        r = client.request(
+            method,
+            path,
+            data={
+                "action": "confirm_defect",
+                "username": "x",
+                "password": PASSWORD * 2,
+                "role": "admin",
+                "change": "disable",
+            },
+            follow_redirects=False,
+        )
         if r.status_code == 303:
             assert r.headers["location"].startswith("/login"), (method, path)
         else:
@@ -274,7 +306,9 @@ def test_reviewer_cannot_reach_admin_actions(env) -> None:
     app, _, _ = env
     client, token = login(app, "rita")
     assert client.get("/admin/users").status_code == 403
-    r = client.post("/admin/users", data={"csrf_token": token, "username": "eve", "password": PASSWORD, "role": "admin"})
+    r = client.post(
+        "/admin/users", data={"csrf_token": token, "username": "eve", "password": PASSWORD, "role": "admin"}
+    )
     assert r.status_code == 403
     r = client.post("/admin/users/rita", data={"csrf_token": token, "change": "role", "role": "admin"})
     assert r.status_code == 403
@@ -296,8 +330,10 @@ def test_html_in_a_comment_is_escaped(env) -> None:
     app, _, ids = env
     client, token = login(app)
     evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
-    client.post(f"/parts/{ids[0]}/decision", data={"csrf_token": token, "action": "confirm_defect", "comment": evil,
-                                                   "expected": ""})
+    client.post(
+        f"/parts/{ids[0]}/decision",
+        data={"csrf_token": token, "action": "confirm_defect", "comment": evil, "expected": ""},
+    )
     html = client.get(f"/parts/{ids[0]}").text
     assert evil not in html and "<script>alert" not in html
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in html
@@ -307,8 +343,11 @@ def test_cookies_headers_logout_and_redirects(env) -> None:
     app, _, _ = env
     client = TestClient(app)
     token = _csrf(client.get("/login").text)
-    r = client.post("/login", data={"username": "rita", "password": PASSWORD, "csrf_token": token,
-                                    "next": "//evil.example/x"}, follow_redirects=False)
+    r = client.post(
+        "/login",
+        data={"username": "rita", "password": PASSWORD, "csrf_token": token, "next": "//evil.example/x"},
+        follow_redirects=False,
+    )
     assert r.headers["location"] == "/queue"  # no open redirect
     set_cookie = [v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE)][0]
     assert "HttpOnly" in set_cookie and "SameSite=lax" in set_cookie

@@ -83,11 +83,15 @@ def test_queue_filters(seeded) -> None:
 def test_decisions_leave_the_waiting_queue_and_are_append_only(seeded) -> None:
     store, flagged = seeded
     a, b = flagged[0].request_id, flagged[1].request_id
-    first = q.record_decision(store, a, "confirm_defect", "ann", defect_type="crack", comment=" hairline ", expected_current=None)
+    first = q.record_decision(
+        store, a, "confirm_defect", "ann", defect_type="crack", comment=" hairline ", expected_current=None
+    )
     assert q.count_waiting(store) == 5
     assert a not in {i.request_id for i in q.queue(store, q.QueueFilters())}
     decided = q.queue(store, q.QueueFilters(status="decided"))
-    assert [(i.request_id, i.decision, i.defect_type, i.reviewer) for i in decided] == [(a, "confirm_defect", "crack", "ann")]
+    assert [(i.request_id, i.decision, i.defect_type, i.reviewer) for i in decided] == [
+        (a, "confirm_defect", "crack", "ann")
+    ]
     second = q.record_decision(store, a, "override_ok", "bob", expected_current=first)
     detail = q.part_detail(store, a)
     assert detail is not None
@@ -242,3 +246,25 @@ def test_charts_are_svg_with_escaped_labels(seeded) -> None:
     assert svg.count("<rect") == sum((rej > 0) + (rev > 0) for _, rej, rev in s.flagged_bins)
     bars = str(hbar_chart_svg([("<script>x</script>", 3.0), ("crack", 1.0)]))
     assert "<script>" not in bars and "&lt;script&gt;" in bars
+
+
+def test_labels_after_an_undo_are_newer_than_the_withdrawn_one(seeded) -> None:
+    """An undo that brings back an earlier decision must win over the withdrawn label downstream, where the
+    latest label per image is kept (ingest.apply_review_labels); an undo back to undecided is reported apart."""
+    store, flagged = seeded
+    a, b = flagged[0].request_id, flagged[1].request_id
+    t0 = NOW + timedelta(hours=1)
+    q.record_decision(store, a, "confirm_defect", "ann", now=t0)
+    q.record_decision(store, a, "override_ok", "bob", now=t0 + timedelta(minutes=1))
+    withdrawn_label = q.reviewed_labels(store)[0]
+    assert withdrawn_label[2:4] == ("ok", "bob")
+    q.undo_decision(store, "bob", request_id=a)
+    (label,) = q.reviewed_labels(store)
+    assert label[2:4] == ("defect", "ann")
+    assert label[4] > withdrawn_label[4]
+    assert q.withdrawn_labels(store) == []
+    q.record_decision(store, b, "confirm_defect", "ann", now=t0)
+    q.undo_decision(store, "ann", request_id=b)
+    sha_b = store.get_row(b)["image_sha256"]
+    assert [sha for sha, _ in q.withdrawn_labels(store)] == [sha_b]
+    assert sha_b not in {sha for sha, *_ in q.reviewed_labels(store)}

@@ -1,0 +1,203 @@
+"""Benchmark of domain adaptation on shifted real images (prints JSON).
+
+Held-out = the test split of the source run (group-aware split from ingest), cut by near-duplicate group into
+an adaptation half A (unlabelled; 10 labelled images drawn from it) and an evaluation half B. Each shift (night
+shift: darker + noise; worse lens: blur + contrast loss; new lamp: gamma) is applied to both halves at 3 strengths.
+For each: accuracy and defect recall on B of the source model, of the BN-adapted model (no labels; modes align
+and adabn), and of the aligned model fine-tuned on 10 labelled target images; the domain-gap score before/after.
+
+    nice .venv/bin/python bench/adapt.py --run RUN_DIR --out bench_out/adapt.json [--max-images 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from inspection.adapt.bn_adapt import adapt_batchnorm, source_bn_stats
+from inspection.adapt.config import GapConfig
+from inspection.adapt.data import load_valid, subsample
+from inspection.adapt.gap import domain_gap, features_and_scores
+from inspection.adapt.self_train import fit_on
+from inspection.train import load_run
+
+logger = logging.getLogger("bench.adapt")
+
+
+def night(im: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Night shift: less light (x0.8, 0.6, 0.4) and more sensor noise (std 4, 8, 12 grey levels)."""
+    x = im.astype(np.float32) * (1.0 - 0.2 * s) + rng.normal(0.0, 4.0 * s, im.shape)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def lens(im: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Worse lens: defocus blur (sigma 1, 2, 3 px at 300 px) and contrast loss (x0.8, 0.6, 0.4 around the mean)."""
+    x = cv2.GaussianBlur(im, (0, 0), sigmaX=1.0 * s).astype(np.float32)
+    mean = x.mean()
+    return np.clip((x - mean) * (1.0 - 0.2 * s) + mean, 0, 255).astype(np.uint8)
+
+
+def lamp(im: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """New lamp / camera response: gamma 1.4, 1.8, 2.2 (darker mid-tones, same black and white points)."""
+    g = 1.0 + 0.4 * s
+    return (255.0 * (im.astype(np.float32) / 255.0) ** g).round().astype(np.uint8)
+
+
+SHIFTS = {"night": night, "lens": lens, "lamp": lamp}
+
+
+def metrics(probs: np.ndarray, y: np.ndarray, reject: float) -> dict[str, float]:
+    out = {}
+    for name, thr in (("", 0.5), ("_card", reject)):
+        pred = probs >= thr
+        out[f"acc{name}"] = float((pred == y).mean())
+        out[f"recall{name}"] = float(pred[y == 1].mean()) if (y == 1).any() else float("nan")
+    return out
+
+
+def split_by_group(samples: list, seed: int) -> tuple[list, list]:
+    groups = sorted({s.group_id for s in samples})
+    rng = np.random.default_rng(seed)
+    a = set(rng.permutation(groups)[: len(groups) // 2].tolist())
+    return [s for s in samples if s.group_id in a], [s for s in samples if s.group_id not in a]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="source run directory trained on the real images")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--max-images", type=int, default=0, help="use at most N held-out images (0 = all)")
+    parser.add_argument("--source-images", type=int, default=400)
+    parser.add_argument("--labelled", type=int, default=10)
+    parser.add_argument("--labelled-epochs", type=int, default=30)
+    parser.add_argument("--shifts", default="night,lens,lamp")
+    parser.add_argument("--strengths", default="1,2,3")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    run = load_run(args.run)
+    net = run.net.eval()
+    reject = run.card.thresholds.reject
+    held = run.samples["test"]
+    if args.max_images:
+        held = subsample(held, args.max_images, args.seed)
+    half_a, half_b = split_by_group(held, args.seed)
+    img_a, _ = load_valid([s.path for s in half_a])
+    img_b, _ = load_valid([s.path for s in half_b])
+    y_a = np.array([1 if s.label == "defect" else 0 for s in half_a])
+    y_b = np.array([1 if s.label == "defect" else 0 for s in half_b])
+    rng = np.random.default_rng(args.seed)
+    k = args.labelled // 2
+    labelled_idx = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(y_a == 1), k, replace=False),
+            rng.choice(np.flatnonzero(y_a == 0), args.labelled - k, replace=False),
+        ]
+    )
+    source_paths = subsample([s.path for s in run.samples["train"]], args.source_images, args.seed)
+    logger.info("held-out A %d / B %d images; %d source images", len(img_a), len(img_b), len(source_paths))
+
+    gap_config = GapConfig()
+    fs, _, _ = features_and_scores(net, source_paths)
+    src_stats = source_bn_stats(net, source_paths)
+    fa_clean, _, _ = features_and_scores(net, img_a)
+    _, p_clean, _ = features_and_scores(net, img_b)
+    clean = metrics(p_clean, y_b, reject)
+    fb_clean, _, _ = features_and_scores(net, img_b)
+    same = domain_gap(fa_clean, fb_clean, gap_config)  # two random (group-disjoint) halves of the same domain
+    same_src = domain_gap(fs, fa_clean, gap_config)  # training images vs held-out images
+    report: dict = {
+        "run": str(args.run),
+        "model": run.card.version,
+        "mode": run.card.mode,
+        "reject_threshold": reject,
+        "n_adapt": len(img_a),
+        "n_eval": len(img_b),
+        "n_labelled": int(args.labelled),
+        "clean": clean,
+        "gap_same_domain_halves": same.to_dict(),
+        "gap_train_vs_heldout": same_src.to_dict(),
+        "shifts": {},
+    }
+    logger.info("clean: %s; gap between halves %.4f (noise %.4f)", clean, same.score, same.noise_floor)
+    for shift_name in args.shifts.split(","):
+        fn = SHIFTS[shift_name]
+        rows = []
+        for s in [int(v) for v in args.strengths.split(",")]:
+            t = time.perf_counter()
+            ra, rb = np.random.default_rng(100 + s), np.random.default_rng(200 + s)
+            ta = [fn(im, s, ra) for im in img_a]
+            tb = [fn(im, s, rb) for im in img_b]
+            ft_a, _, _ = features_and_scores(net, ta)
+            _, p_src, _ = features_and_scores(net, tb)
+            row = {
+                "strength": s,
+                "source": metrics(p_src, y_b, reject),
+                "gap_before": domain_gap(fs, ft_a, gap_config).score,
+            }
+            for mode in ("align", "adabn"):
+                adapted = copy.deepcopy(net)
+                adapt_batchnorm(adapted, ta, mode=mode, source_stats=src_stats if mode == "align" else None)
+                fa_ad, _, _ = features_and_scores(adapted, ta)
+                _, p_ad, _ = features_and_scores(adapted, tb)
+                row[f"bn_{mode}"] = metrics(p_ad, y_b, reject)
+                row[f"gap_after_{mode}"] = domain_gap(fs, fa_ad, gap_config).score
+                if mode == "align":
+                    fit_on(
+                        adapted,
+                        [ta[i] for i in labelled_idx],
+                        y_a[labelled_idx].tolist(),
+                        args.labelled_epochs,
+                        3e-4,
+                        seed=args.seed,
+                    )
+                    _, p_lab, _ = features_and_scores(adapted, tb)
+                    row["align_plus_10_labelled"] = metrics(p_lab, y_b, reject)
+            lost = clean["acc"] - row["source"]["acc"]
+            for key in ("bn_align", "bn_adabn", "align_plus_10_labelled"):
+                row[key]["recovered"] = (row[key]["acc"] - row["source"]["acc"]) / lost if lost > 0.005 else None
+            row["seconds"] = round(time.perf_counter() - t, 1)
+            logger.info("%s %d: %s", shift_name, s, json.dumps(row))
+            rows.append(row)
+        gaps = [r["gap_before"] for r in rows]
+        report["shifts"][shift_name] = {
+            "rows": rows,
+            "gap_monotonic": bool(all(a < b for a, b in zip([same_src.score, *gaps], gaps, strict=False))),
+        }
+    recov = [
+        r["bn_align"]["recovered"]
+        for v in report["shifts"].values()
+        for r in v["rows"]
+        if r["bn_align"]["recovered"] is not None
+    ]
+    report["summary"] = {
+        "median_recovered_no_labels": float(np.median(recov)) if recov else None,
+        "shifts_with_half_recovered_no_labels": f"{sum(r >= 0.5 for r in recov)}/{len(recov)}",
+        "gap_monotonic_all": all(v["gap_monotonic"] for v in report["shifts"].values()),
+        "gap_halves": same.score,
+        "gap_halves_warn_level": same.warn_level,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
