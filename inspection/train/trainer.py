@@ -272,21 +272,25 @@ def weights_tag(config: TrainConfig) -> str | None:
 
 
 @torch.no_grad()
-def extract_pooled(
+def extract(
     net: InspectionNet,
     samples: Sequence[Any],
     size_hw: tuple[int, int],
     device: torch.device,
     config: TrainConfig,
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     cache: FeatureCache | None = None,
     augment: Any | None = None,
     desc: str = "features",
 ) -> torch.Tensor:
-    """Pooled backbone features (N, C) in eval mode; clean views come from / go to `cache`."""
+    """`fn(uint8 images)` per sample, network in eval mode (default: pooled features (N, C)).
+
+    Clean views (augment=None) are read from / added to `cache`, keyed by image sha256.
+    """
+    fn = fn or net.pooled_features
     net.eval()
-    todo = list(range(len(samples))) if augment is not None or cache is None else []
-    if augment is None and cache is not None:
-        todo = [i for i, s in enumerate(samples) if s.sha256 not in cache.table]
+    use_cache = cache is not None and augment is None
+    todo = [i for i, s in enumerate(samples) if s.sha256 not in cache.table] if use_cache else list(range(len(samples)))
     feats: dict[int, torch.Tensor] = {}
     if todo:
         dataset = ImageDataset([samples[i] for i in todo], size_hw, augment)
@@ -296,16 +300,46 @@ def extract_pooled(
         pos = 0
         for images, _ in _progress(loader, len(loader), desc, config.progress):
             with amp_context(device, config):
-                pooled = net.pooled_features(images.to(device, non_blocking=True)).float().cpu()
-            for row in pooled:
+                rows = fn(images.to(device, non_blocking=True)).float().cpu()
+            for row in rows:
                 feats[todo[pos]] = row.clone()
                 pos += 1
-        if augment is None and cache is not None:
+        if use_cache:
             for i, row in feats.items():
                 cache.table[samples[i].sha256] = row
             cache.dirty = True
     rows = [feats[i] if i in feats else cache.table[samples[i].sha256] for i in range(len(samples))]  # type: ignore[union-attr]
-    return torch.stack(rows) if rows else torch.zeros(0, net.head.in_features)
+    return torch.stack(rows) if rows else torch.zeros(0)
+
+
+def split_point(net: InspectionNet, config: TrainConfig) -> int:
+    """Index of the first trained stage in `backbone.blocks` (partial mode)."""
+    return len(net.backbone.blocks) - config.trainable_blocks
+
+
+def trunk_activations(net: InspectionNet, images: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 images -> activations after the frozen stem and stages [0, k): (N, C, h, w)."""
+    bb = net.backbone
+    x = bb.bn1(bb.conv_stem(net.preprocess(images)))
+    for stage in bb.blocks[:k]:
+        x = stage(x)
+    return x
+
+
+def tail_logits(net: InspectionNet, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The rest of forward_features from stage k on, then the head: (N, C, h, w) -> logits (N,)."""
+    bb = net.backbone
+    for stage in bb.blocks[k:]:
+        x = stage(x)
+    x = bb.bn2(bb.conv_head(x))
+    return net.logits_from_pooled(x.mean(dim=(2, 3)))
+
+
+def random_d4(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A random flip / quarter turn per batch of activation maps (N, C, h, w): cheap spatial augmentation."""
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    x = torch.rot90(x, k, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if int(torch.randint(0, 2, (1,), generator=generator)) else x
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
@@ -366,6 +400,9 @@ def fit(
         state = _load_last(last_path, net, optimizer, scheduler, config, generator)
         logger.info("resumed from %s after epoch %d", last_path, state.epoch)
     while state.epoch < epochs and state.bad_epochs < config.patience:
+        if config.max_train_seconds is not None and state.seconds >= config.max_train_seconds:
+            logger.info("time budget of %.0f s used after epoch %d", config.max_train_seconds, state.epoch)
+            break
         epoch = state.epoch + 1
         set_train_mode(net, config)
         t0 = time.perf_counter()
@@ -496,8 +533,8 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     pos_weight = pos_weight_for(train_targets) if config.balance == "pos_weight" else None
 
     t_start = time.perf_counter()
-    if config.mode == "head":
-        state, scores = _train_head(net, config, splits, size_hw, device, pos_weight, out, generator)
+    if config.mode == "head" or (config.mode == "partial" and config.partial_cache):
+        state, scores = _train_cached(net, config, splits, size_hw, device, pos_weight, out, generator)
     else:
         state, scores = _train_finetune(net, config, splits, size_hw, device, pos_weight, out, generator)
     fit_seconds = time.perf_counter() - t_start
@@ -539,6 +576,8 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         "counts": {k: {"n": len(v), "defect": int(targets_of(v).sum())} for k, v in splits.items()},
     }
     write_run(out, net, config, card, splits, extra, epoch=state.best_epoch)
+    for k in ("val", "test"):  # raw scores in samples.json order: re-plot or re-threshold without the network
+        np.save(out / f"{k}_scores.npy", np.asarray(scores[k], dtype=np.float64))
     if config.plots:
         plot_dir = out / "plots"
         main_split = "test" if len(scores["test"]) else "val"
@@ -564,31 +603,51 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     )
 
 
-def _train_head(net, config, splits, size_hw, device, pos_weight, out, generator):
-    """Features once (cached), then the linear head alone: seconds, not minutes."""
+def _train_cached(net, config, splits, size_hw, device, pos_weight, out, generator):
+    """Run the frozen part once per image (cached), then train only what follows it: head or partial tail.
+
+    head: the whole backbone is frozen, pooled features (N, C) are cached, the linear head trains.
+    partial with partial_cache: stem + early stages are frozen, their activations (N, C, h, w) are cached,
+    the last stages + conv_head + head train on them (with random flips / quarter turns of the maps).
+    """
+    head = config.mode == "head"
+    if head:
+        part, fn, logits_of, epochs = "pooled", net.pooled_features, net.logits_from_pooled, config.head_epochs
+    else:
+        k = split_point(net, config)
+        part, epochs = f"trunk{k}", config.epochs
+
+        def fn(images):
+            return trunk_activations(net, images, k)
+
+        def logits_of(x):
+            return tail_logits(net, x, k)
+
     tag = weights_tag(config)
-    key = f"{config.backbone}|{config.input_size}|{tag}|{size_hw[0]}x{size_hw[1]}" if tag else None
-    cache = FeatureCache(config.feature_cache, key) if config.feature_cache and key else FeatureCache(None, None)
-    cache_or_none = cache if key else None
+    key = f"{config.backbone}|{config.input_size}|{tag}|{size_hw[0]}x{size_hw[1]}|{part}" if tag else None
+    cache = FeatureCache(config.feature_cache, key) if config.feature_cache and key else None
+    memo = cache if cache is not None else FeatureCache(None, "memory")  # in-memory only: still one pass per image
     t0 = time.perf_counter()
     feats = {
-        k: extract_pooled(net, v, size_hw, device, config, cache_or_none, desc=f"{k} features")
-        for k, v in splits.items()
+        k_: extract(net, v, size_hw, device, config, fn, memo, desc=f"{k_} {part}") for k_, v in splits.items() if v
     }
+    feats.setdefault("test", torch.zeros(0))
     train_x, train_y = [feats["train"]], [torch.as_tensor(targets_of(splits["train"]))]
     augment = build_augment(config.augment, config.seed)
-    for view in range(config.head_views if augment is not None else 0):
+    for view in range(config.cached_views if augment is not None else 0):
         train_x.append(
-            extract_pooled(net, splits["train"], size_hw, device, config, augment=augment, desc=f"view {view + 1}")
+            extract(net, splits["train"], size_hw, device, config, fn, augment=augment, desc=f"view {view + 1}")
         )
         train_y.append(train_y[0])
-    cache.save()
-    n_images = sum(len(v) for v in splits.values()) + config.head_views * len(splits["train"])
-    logger.info("features of %d images in %.1f s", n_images, time.perf_counter() - t0)
+    if cache is not None:
+        cache.save()
+    n_images = sum(len(v) for v in splits.values()) + config.cached_views * len(splits["train"])
+    logger.info("frozen part (%s) on %d images in %.1f s", part, n_images, time.perf_counter() - t0)
     x = torch.cat(train_x)
     y = torch.cat(train_y)
     n = len(y)
-    steps = max(1, math.ceil(n / config.batch_size))
+    steps = max(1, n // config.batch_size) if n > config.batch_size else 1
+    flips = config.feature_flips and not head
 
     def batches(epoch: int):
         if config.balance == "sampler":
@@ -597,39 +656,40 @@ def _train_head(net, config, splits, size_hw, device, pos_weight, out, generator
             order = torch.as_tensor(list(balanced_sampler(y.numpy(), generator)))
         else:
             order = torch.randperm(n, generator=generator)
-        for i in range(0, n, config.batch_size):
+        for i in range(0, steps * config.batch_size if n > config.batch_size else n, config.batch_size):
             idx = order[i : i + config.batch_size]
-            yield x[idx], y[idx]
+            xb = x[idx]
+            yield (random_d4(xb, generator) if flips else xb), y[idx]
 
     val_targets = targets_of(splits["val"])
 
-    def validate():
+    @torch.no_grad()
+    def score(f: torch.Tensor) -> np.ndarray:
         net.eval()
-        with torch.no_grad():
-            return torch.sigmoid(net.logits_from_pooled(feats["val"].to(device))).cpu().numpy(), val_targets
+        out_ = [torch.sigmoid(logits_of(f[i : i + 256].to(device)).float()).cpu() for i in range(0, len(f), 256)]
+        return torch.cat(out_).numpy().astype(np.float64) if out_ else np.zeros(0)
+
+    def validate():
+        return score(feats["val"]), val_targets
 
     state = fit(
         net,
         config,
-        config.head_epochs,
+        epochs,
         batches,
         steps,
-        net.logits_from_pooled,
+        logits_of,
         validate,
         pos_weight,
         device,
         out,
-        save_last_every_epoch=False,
+        save_last_every_epoch=not head,
         generator=generator,
     )
-    state.images_seen += n_images  # the backbone's work, counted once
+    state.images_seen += n_images  # the frozen part's work, counted once
     net.load_state_dict(state.best_state)
     net.eval()
-    with torch.no_grad():
-        scores = {
-            k: torch.sigmoid(net.logits_from_pooled(f.to(device))).cpu().numpy().astype(np.float64)
-            for k, f in feats.items()
-        }
+    scores = {k_: score(feats[k_]) for k_ in ("val", "test")}
     return state, scores
 
 

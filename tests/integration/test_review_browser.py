@@ -160,6 +160,7 @@ def test_review_with_the_keyboard_in_chromium(live_app, tmp_path: Path) -> None:
             expect(audit.locator("tbody tr")).to_have_count(2)
             expect(audit).to_contain_text("Undo")
             expect(audit).to_contain_text("rita")
+            _shot(page, tmp_path, "review_part_audit.png")
 
             # the first part's page shows the escaped comment and the decision in effect
             page.goto(f"{base}/parts/{ids[0]}")

@@ -90,4 +90,6 @@ def test_other_backbones_need_a_local_weights_file(tmp_path: Path):
     path = tmp_path / "w.pt"
     torch.save(source.state_dict(), path)
     loaded = create_backbone("test_efficientnet", weights=path)
-    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )

@@ -268,3 +268,43 @@ def test_labels_after_an_undo_are_newer_than_the_withdrawn_one(seeded) -> None:
     sha_b = store.get_row(b)["image_sha256"]
     assert [sha for sha, _ in q.withdrawn_labels(store)] == [sha_b]
     assert sha_b not in {sha for sha, *_ in q.reviewed_labels(store)}
+
+
+def test_reviewed_labels_feed_ingest_apply_review_labels(tmp_path: Path, store: DecisionStore) -> None:
+    """The shape `reviewed_labels` returns is what `inspection.ingest.apply_review_labels` takes (minus the path):
+    a QA decision on a line photo relabels the same image in the training manifest."""
+    from inspection.ingest import IngestConfig, apply_review_labels, load_samples, run_ingest
+    from inspection.synth import render_part
+
+    raw = tmp_path / "raw" / "ok_front"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    photos = []
+    for i in range(4):
+        data = encode_png(render_part(rng, defect=False, size=96)[0])
+        (raw / f"part{i}.png").write_bytes(data)
+        photos.append(data)
+    ingest_store = tmp_path / "ingest"
+    run_ingest(IngestConfig(), [tmp_path / "raw"], ingest_store)
+    for i, data in enumerate(photos[:2]):  # the line saw two of them and flagged them
+        _record(store, f"line-{i}", Verdict.reject, NOW + timedelta(minutes=i), data)
+    q.record_decision(store, "line-0", "confirm_defect", "ann", defect_type="crack")
+    q.record_decision(store, "line-1", "override_ok", "ann")
+    labels = q.reviewed_labels(store)
+    apply_review_labels(ingest_store, [(sha, label, who, at) for sha, _, label, who, at in labels])
+    by_sha = {s.sha256: s.label for s in load_samples(ingest_store)}
+    sha0, sha1 = store.get_row("line-0")["image_sha256"], store.get_row("line-1")["image_sha256"]
+    assert by_sha[sha0] == "defect"  # the reviewer's label beats the folder's 'ok'
+    assert by_sha[sha1] == "ok"
+    assert sum(label == "ok" for label in by_sha.values()) == 3
+
+    # a changed mind, applied, then undone: the earlier label comes back downstream too
+    def apply() -> dict[str, str | None]:
+        labels = q.reviewed_labels(store)
+        apply_review_labels(ingest_store, [(sha, label, who, at) for sha, _, label, who, at in labels])
+        return {s.sha256: s.label for s in load_samples(ingest_store)}
+
+    q.record_decision(store, "line-0", "override_ok", "bob")
+    assert apply()[sha0] == "ok"
+    q.undo_decision(store, "bob", request_id="line-0")
+    assert apply()[sha0] == "defect"

@@ -212,7 +212,8 @@ def test_load_run_reproduces_the_calibrated_thresholds(tiny_run: Path):
     assert type(run.samples["val"][0]).__name__ == "Sample"
     val = run.samples["val"]
     scores = predict_scores(run.net, val, (300, 300))
-    again = calibrate_threshold(scores, [s.label for s in val], run.card.target_escape_rate, run.config.review_escape_rate)
+    labels = [s.label for s in val]
+    again = calibrate_threshold(scores, labels, run.card.target_escape_rate, run.config.review_escape_rate)
     assert again.reject == pytest.approx(run.card.thresholds.reject, abs=1e-6)
     # forward (the exported path: probability + heatmap) agrees with the training path
     images = torch.from_numpy(np.stack([__import__("inspection.images").images.read_image(s.path) for s in val[:4]]))
@@ -267,16 +268,53 @@ def test_head_mode_caches_features(synth_store: Path, tmp_path: Path, monkeypatc
     assert all(torch.equal(saved[f"backbone.{k}"], v) for k, v in original.items())
 
 
+def test_cached_trunk_plus_tail_equals_the_full_forward():
+    from inspection.train.trainer import tail_logits, trunk_activations
+
+    torch.manual_seed(0)
+    net = build_net("test_efficientnet", pretrained=False, input_size=64).eval()
+    images = torch.randint(0, 256, (4, 80, 80, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        full = net.forward_logits(images)
+        for k in range(len(net.backbone.blocks) + 1):
+            assert torch.allclose(tail_logits(net, trunk_activations(net, images, k), k), full, atol=1e-5), k
+
+
+def test_partial_with_cached_trunk(synth_store: Path, tmp_path: Path):
+    weights = tmp_path / "tiny_weights.pt"
+    torch.manual_seed(3)
+    original = build_net("test_efficientnet", pretrained=False).backbone.state_dict()
+    torch.save(original, weights)
+    config = tiny_config(
+        mode="partial", pretrained=True, weights=str(weights), partial_cache=True, trainable_blocks=2, cached_views=1
+    )
+    result = run_train(replace(config, epochs=3, plots=False), synth_store, tmp_path / "run")
+    assert result.epochs_run >= 1
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model_state"]
+    n_stages = len(build_net("test_efficientnet", pretrained=False).backbone.blocks)
+    frozen = ("conv_stem.", "bn1.") + tuple(f"blocks.{i}." for i in range(n_stages - 2))
+    for k, v in original.items():
+        if k.startswith(frozen):
+            assert torch.equal(saved[f"backbone.{k}"], v), k
+    assert not torch.equal(saved["backbone.conv_head.weight"], original["conv_head.weight"])
+    # thresholds calibrated on cached activations hold for the full forward the export will trace
+    run = load_run(tmp_path / "run")
+    scores = predict_scores(run.net, run.samples["val"], (300, 300))
+    again = calibrate_threshold(scores, [s.label for s in run.samples["val"]], config.target_escape_rate, 0.0)
+    assert again.reject == pytest.approx(run.card.thresholds.reject, abs=1e-5)
+
+
 def test_train_cli(synth_store: Path, tmp_path: Path, capsys):
     from inspection.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "--config", str(TINY), "--data", str(synth_store), "--out", str(out), "epochs=1", "plots=false"])
+    args = ["train", "--config", str(TINY), "--data", str(synth_store), "--out", str(out)]
+    rc = main([*args, "epochs=1", "plots=false"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["epochs_run"] == 1 and summary["mode"] == "full"
     assert (out / "model_card.json").is_file()
-    rc = main(["train", "--config", str(TINY), "--data", str(synth_store), "--out", str(out), "mode=sideways"])
+    rc = main([*args, "mode=sideways"])
     assert rc == 1
     assert "allowed" in capsys.readouterr().err
 
