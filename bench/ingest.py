@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from inspection.config import load_config
-from inspection.ingest import IngestConfig, run_ingest
+from inspection.ingest import IngestConfig, load_samples, run_ingest
 
 
 def main() -> int:
@@ -31,6 +31,9 @@ def main() -> int:
         t0 = time.perf_counter()
         result = run_ingest(config, [Path(args.folder)], Path(tmp) / "store")
         wall = time.perf_counter() - t0
+        labels_of_group: dict[str, set] = {}
+        for sample in load_samples(Path(tmp) / "store"):
+            labels_of_group.setdefault(sample.group_id, set()).add(sample.label)
         t1 = time.perf_counter()
         rerun = run_ingest(config, [Path(args.folder)], Path(tmp) / "store")
         rerun_wall = time.perf_counter() - t1
@@ -43,6 +46,9 @@ def main() -> int:
         "near_duplicate_groups": result.groups,
         "groups_with_copies": sum(n for size, n in result.group_sizes.items() if size > 1),
         "largest_group": max(result.group_sizes) if result.group_sizes else 0,
+        "singletons": result.group_sizes.get(1, 0),
+        "images_in_groups_with_copies": sum(size * n for size, n in result.group_sizes.items() if size > 1),
+        "groups_with_both_labels": sum(1 for labels in labels_of_group.values() if len(labels) > 1),
         "group_size_histogram": result.group_sizes,
         "split_counts": result.split_counts,
         "wall_s": round(wall, 2),

@@ -31,8 +31,14 @@ def export_and_register_flow(run_dir: str, registry: str, int8: bool = False) ->
     card = Registry(Path(registry)).get(version).card
     create_table_artifact(
         key="registered-version",
-        table=[{"version": version, "files": ", ".join(sorted(card.files)), "reject": card.thresholds.reject,
-                "review": card.thresholds.review}],
+        table=[
+            {
+                "version": version,
+                "files": ", ".join(sorted(card.files)),
+                "reject": card.thresholds.reject,
+                "review": card.thresholds.review,
+            }
+        ],
     )
     logger.info("registered %s from %s", version, run_dir)
     return version

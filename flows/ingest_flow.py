@@ -17,15 +17,20 @@ def ingest_sources(config_path: str | None, sources: list[str], store: str) -> I
     return run_ingest(config, [Path(s) for s in sources], Path(store))
 
 
+@task(retries=2, retry_delay_seconds=10)  # the decision store may sit on a network share
+def export_reviewed_parts(review_db: str, out: str) -> int:
+    """QA-reviewed line images as a labelled folder, so they are ingested like camera images."""
+    from inspection.review import ReviewConfig, run_review_export
+
+    return run_review_export(ReviewConfig(store=review_db), Path(out)).n_written
+
+
 @task(retries=2, retry_delay_seconds=10)
-def collect_review_labels(review_db: str) -> list:
+def apply_labels(review_db: str, store: str) -> int:
+    """QA labels take precedence over folder labels (also for images ingested earlier from the camera)."""
     from inspection.review.queries import reviewed_labels
 
-    return reviewed_labels(review_db)
-
-
-@task
-def apply_labels(store: str, labels: list) -> int:
+    labels = [(sha, label, reviewer, when) for sha, _path, label, reviewer, when in reviewed_labels(review_db)]
     return apply_review_labels(Path(store), labels)
 
 
@@ -38,11 +43,15 @@ def ingest_flow(
 ) -> dict:
     """Ingest drop folders into `store`; then apply QA review labels from `review_db` (they take precedence)."""
     logger = get_run_logger()
-    result = ingest_sources(config, sources, store)
-    relabelled = 0
+    sources = list(sources)
+    reviewed = 0
     if review_db:
-        labels = collect_review_labels(review_db)
-        relabelled = apply_labels(store, labels)
+        reviewed_dir = str(Path(store).with_name(Path(store).name + "-reviewed"))
+        reviewed = export_reviewed_parts(review_db, reviewed_dir)
+        if reviewed:
+            sources.append(reviewed_dir)
+    result = ingest_sources(config, sources, store)
+    relabelled = apply_labels(review_db, store) if review_db else 0
     counts = {
         "files_seen": result.n_files,
         "already_known": result.already_known,
@@ -51,7 +60,8 @@ def ingest_flow(
         **{f"quarantined:{reason}": n for reason, n in sorted(result.quarantined.items())},
         "near_duplicate_groups": result.groups,
         "images_in_store": result.total_accepted,
-        "review_labels_applied": relabelled,
+        "reviewed_parts_exported": reviewed,
+        "labels_changed_by_review": relabelled,
     }
     create_table_artifact(
         key="ingest-counts",

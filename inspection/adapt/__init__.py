@@ -18,6 +18,7 @@ _EXPORTS = {
     "image_gap": "inspection.adapt.gap",
     "GapResult": "inspection.adapt.gap",
     "adapt_batchnorm": "inspection.adapt.bn_adapt",
+    "write_drift_reference": "inspection.adapt.reference",
 }
 
 __all__ = sorted(_EXPORTS)

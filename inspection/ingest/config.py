@@ -30,10 +30,10 @@ class IngestConfig:
     # `near_dup_neighbours` nearest; loose on purpose, the verification below decides
     near_dup_max_distance: float = 0.02
     near_dup_neighbours: int = 24
-    # same part when the aligned signatures correlate at least this much. On the real set, rotated/mirrored
-    # copies of a defective part score 0.85-0.96 and other parts ~0.2; but look-alike ok parts reach ~0.88, so
-    # this is set high to avoid chaining different parts into one huge group (see bench/ingest.py)
-    near_dup_min_similarity: float = 0.88
+    # same part when the aligned signatures correlate at least this much (and, for two groups, the median of
+    # their members' cross scores). Real photos rotated/mirrored/zoomed/shifted and re-JPEGed: 99 % score
+    # ≥ 0.86; pairs of different real parts: 99 % ≤ 0.69 (see inspection/ingest/dedup.py, bench/ingest.py)
+    near_dup_min_similarity: float = 0.8
     # decode+hash threads (0 = one per CPU core); OpenCV and hashlib release the GIL
     workers: int = 0
     # file names to skip without a record (editor/OS droppings, never camera images)

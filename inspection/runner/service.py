@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -138,15 +139,13 @@ class Runtime:
         if self.publisher is not None:
             self.publisher.start()
         if self.swapper is not None:
-            # first load happens in the swap thread: /healthz answers at once, /readyz once the model is warm
-            self.swapper.start(initial=False) if self.config.swap.enabled else self._load_once()
+            # first load happens in a background thread: /healthz answers at once, /readyz once the model is warm
+            if self.config.swap.enabled:
+                self.swapper.start(initial=False)
+            else:
+                threading.Thread(target=self.swapper.check, name="model-load", daemon=True).start()
         if self.folder is not None:
             self.folder.start()
-
-    def _load_once(self) -> None:
-        import threading
-
-        threading.Thread(target=self.swapper.check, name="model-load", daemon=True).start()
 
     def stop(self) -> None:
         if self.folder is not None:

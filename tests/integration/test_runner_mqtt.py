@@ -36,10 +36,18 @@ def test_verdicts_published_to_real_broker(tmp_path, mosquitto_broker):
     rt.holder.swap(fake_inferencer())
     try:
         with TestClient(create_app(cfg, rt)) as c:
-            ok = c.post("/v1/inspect", content=encode_jpeg(sample_frame(250)), headers={"Content-Type": "image/jpeg"},
-                        params={"part_id": "M-1"})
-            bad = c.post("/v1/inspect", content=b"junk", headers={"Content-Type": "image/jpeg"},
-                         params={"part_id": "M-2", "station": "line5"})
+            ok = c.post(
+                "/v1/inspect",
+                content=encode_jpeg(sample_frame(250)),
+                headers={"Content-Type": "image/jpeg"},
+                params={"part_id": "M-1"},
+            )
+            bad = c.post(
+                "/v1/inspect",
+                content=b"junk",
+                headers={"Content-Type": "image/jpeg"},
+                params={"part_id": "M-2", "station": "line5"},
+            )
             msgs = [received.get(timeout=10), received.get(timeout=10)]
     finally:
         sub.loop_stop()
@@ -49,4 +57,4 @@ def test_verdicts_published_to_real_broker(tmp_path, mosquitto_broker):
     assert qos == 1 and first.request_id == ok.json()["request_id"] and first.verdict == "reject"
     qos, held = by_topic["inspection/line5/verdict"]
     assert held.verdict == "review" and held.request_id == bad.json()["result"]["request_id"]
-    assert 'inspection_runner_mqtt_published_total 2.0' in rt.metrics.render().decode()
+    assert "inspection_runner_mqtt_published_total 2.0" in rt.metrics.render().decode()

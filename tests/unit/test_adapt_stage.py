@@ -122,3 +122,26 @@ def test_cli_adapt_and_gap_print_json(tiny_run, night_dir, synth_dir, tmp_path, 
     assert {"score", "noise_floor", "warn_level", "warning", "message"} <= set(gap)
     assert main(["adapt", str(tiny_run), "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_drift_reference_of_a_trained_run(tiny_run, tmp_path):
+    import shutil
+
+    from inspection.adapt import write_drift_reference
+    from inspection.drift import DriftMonitor
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ref = write_drift_reference(run)
+    monitor = DriftMonitor.for_model_dir(run)
+    assert monitor.reference == ref and ref.n >= 10 and "verdict" in ref.shares
+
+
+def test_flow_task_calls_run_adapt(tiny_run, night_dir, tmp_path):
+    from flows.adapt_flow import adapt_run
+
+    out = tmp_path / "flow_run"
+    report = adapt_run.fn(
+        str(tiny_run), str(night_dir), str(out), None, None, ["max_source_images=32", "gap.calibration_splits=2"]
+    )
+    assert report["run_dir"] == str(out) and (out / "model_card.json").is_file()

@@ -173,3 +173,26 @@ def test_drift_module_does_not_import_torch():
 
     code = "import sys, inspection.drift; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_prefect_trigger_starts_the_deployment_without_blocking(monkeypatch, reference):
+    import threading
+    import types
+
+    calls = []
+    done = threading.Event()
+
+    def run_deployment(name, parameters, timeout):
+        calls.append((name, parameters, timeout))
+        done.set()
+        return types.SimpleNamespace(id="run-1")
+
+    fake = types.ModuleType("prefect.deployments")
+    fake.run_deployment = run_deployment
+    monkeypatch.setitem(sys.modules, "prefect.deployments", fake)
+    config = DriftConfig(window=50, min_observations=20, trigger_deployment="adapt/line-1", trigger_parameters={"x": 1})
+    monitor = DriftMonitor(reference, config)
+    for image, score, verdict in line_traffic(np.random.default_rng(7), 40, brightness=50.0):
+        monitor.observe(image, score, verdict)
+    assert done.wait(5)
+    assert calls == [("adapt/line-1", {"x": 1}, 0)]

@@ -23,7 +23,7 @@ def net():
 @pytest.fixture(scope="module")
 def parts():
     rng = np.random.default_rng(0)
-    return [render_part(rng, bool(i % 2), size=80)[0] for i in range(160)]
+    return [render_part(rng, bool(i % 2), size=80)[0] for i in range(120)]
 
 
 def night(images, s):
@@ -46,8 +46,8 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
 
 
 def test_gap_small_between_halves_and_monotonic_with_shift(net, parts):
-    source, rest = parts[:80], parts[80:]
-    config = GapConfig(calibration_splits=6)
+    source, rest = parts[:60], parts[60:]
+    config = GapConfig(calibration_splits=5)
     fs, _, _ = features_and_scores(net, source)
     same = domain_gap(fs, features_and_scores(net, rest)[0], config)
     assert not same.warning

@@ -13,6 +13,7 @@ from torch import nn
 
 from inspection.config import from_dict, load_config
 from inspection.errors import ConfigError, DataError
+from inspection.images import read_image
 from inspection.models import build_net
 from inspection.schemas import ModelCard
 from inspection.train import TrainConfig, calibrate_threshold, load_run, run_train
@@ -216,9 +217,11 @@ def test_load_run_reproduces_the_calibrated_thresholds(tiny_run: Path):
     again = calibrate_threshold(scores, labels, run.card.target_escape_rate, run.config.review_escape_rate)
     assert again.reject == pytest.approx(run.card.thresholds.reject, abs=1e-6)
     # forward (the exported path: probability + heatmap) agrees with the training path
-    images = torch.from_numpy(np.stack([__import__("inspection.images").images.read_image(s.path) for s in val[:4]]))
-    prob, heatmap = run.net(images)
-    assert torch.allclose(prob, torch.sigmoid(run.net.forward_logits(images)), atol=1e-5)
+    images = torch.from_numpy(np.stack([read_image(s.path) for s in val[:4]]))
+    with torch.no_grad():
+        prob, heatmap = run.net(images)
+        logits = run.net.forward_logits(images)
+    assert torch.allclose(prob, torch.sigmoid(logits), atol=1e-5)
     assert heatmap.shape[0] == 4 and float(heatmap.min()) >= 0 and float(heatmap.max()) <= 1
 
 

@@ -1,0 +1,50 @@
+"""`retrain` flow (nightly): ingest -> train -> export_and_register -> deploy, so labels confirmed or overridden
+by QA reach the line without anyone running a command."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+
+from flows.deploy_flow import deploy_flow
+from flows.export_register_flow import export_and_register_flow
+from flows.ingest_flow import ingest_flow
+from flows.train_flow import train_flow
+
+
+@flow(name="retrain")
+def retrain_flow(
+    sources: list[str],
+    store: str,
+    runs_dir: str,
+    registry: str,
+    review_db: str | None = None,
+    mode: Literal["head", "partial", "full"] = "partial",
+    train_config: str | None = None,
+    train_overrides: list[str] | None = None,
+    int8: bool = False,
+) -> dict:
+    """Returns {"counts", "run_dir", "version", "promoted", "gate"}."""
+    logger = get_run_logger()
+    counts = ingest_flow(sources=sources, store=store, review_db=review_db)
+    run_dir = Path(runs_dir) / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+    trained = train_flow(store=store, out=str(run_dir), mode=mode, config=train_config, overrides=train_overrides)
+    version = export_and_register_flow(run_dir=trained, registry=registry, int8=int8)
+    gate = deploy_flow(registry=registry, version=version, reason=f"retrain {run_dir.name}")
+    logger.info("retrain: %s -> %s (promoted: %s)", run_dir.name, version, gate.get("promoted"))
+    return {
+        "counts": counts,
+        "run_dir": trained,
+        "version": version,
+        "promoted": bool(gate.get("promoted")),
+        "gate": gate,
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    retrain_flow(sources=[sys.argv[1]], store=sys.argv[2], runs_dir=sys.argv[3], registry=sys.argv[4])
