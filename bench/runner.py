@@ -79,6 +79,8 @@ def serve_torch(source: Path, port: int, threads: int) -> None:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+    # On this shared 2-core machine, 2 intra-op threads made eager inference ~50x slower (1.4 s vs 26 ms per
+    # image: the OpenMP workers fight the other processes), so the baseline gets its best setting (--torch-threads).
     torch.set_num_threads(threads)
     if source.is_dir():
         from inspection.train import load_run
@@ -313,7 +315,8 @@ def main() -> int:
     p.add_argument("mode", nargs="?", default="bench", choices=["bench", "serve-runner", "serve-torch"])
     p.add_argument("source", nargs="?", type=Path)
     p.add_argument("--port", type=int)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads of the runner")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads of the plain server (its best here)")
     p.add_argument("--run", type=Path)
     p.add_argument("--out", type=Path, default=REPO / "bench_out" / "runner")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
@@ -346,7 +349,7 @@ def main() -> int:
         "model": model_desc,
         "model_version": card["version"],
         "images": f"{len(images)} real camera JPEGs ({args.images})",
-        "threads": args.threads,
+        "threads": {"runner_onnxruntime": args.threads, "plain_torch": args.torch_threads},
         "client": "http.client keep-alive, raw JPEG body, Content-Type image/jpeg",
         "notes": notes,
         "results": {},
@@ -365,7 +368,8 @@ def main() -> int:
     for name, cmd in variants:
         logger.info("measuring %s", name)
         extra = ["--providers", args.providers, "--max-batch", str(args.max_batch)] if name.startswith("runner") else []
-        report["results"][name] = run_server(cmd, images, args.n_seq, args.duration, args.clients, args.threads, extra)
+        threads = args.threads if name.startswith("runner") else args.torch_threads
+        report["results"][name] = run_server(cmd, images, args.n_seq, args.duration, args.clients, threads, extra)
         logger.info("%s: %s", name, json.dumps(report["results"][name]))
     res = report["results"]
     base = res.get("plain_torch_eager_fp32", {}).get("concurrent", {}).get("parts_per_s")

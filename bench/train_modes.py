@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -60,6 +61,11 @@ def main() -> int:
     parser.add_argument("--train-per-class", type=int, default=None, help="subsample train (smoke runs)")
     parser.add_argument("--eval-per-class", type=int, default=None, help="subsample val and test (smoke runs)")
     parser.add_argument("--full-budget-s", type=float, default=900.0, help="wall-time budget of full mode")
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="keep OUT/feature_cache between modes and runs (then train_seconds leaves out the frozen pass)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value for every mode, e.g. input_size=192")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -80,7 +86,8 @@ def main() -> int:
         cache = args.out / "feature_cache"
         config = replace(base, **overrides, feature_cache=str(cache))
         # time each mode from a cold cache: the frozen part's pass over the images is part of its cost
-        shutil.rmtree(cache, ignore_errors=True)
+        if not args.warm_cache:
+            shutil.rmtree(cache, ignore_errors=True)
         t0 = time.perf_counter()
         result = run_train(config, chosen, args.out / mode)
         wall = time.perf_counter() - t0
@@ -103,6 +110,8 @@ def main() -> int:
             "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
             "n": {k: v["n"] for k, v in scores_note["counts"].items()},
+            "warm_cache": args.warm_cache,
+            "load_average_1min": os.getloadavg()[0],
             "config": {k: getattr(config, k) for k in ("input_size", "trainable_blocks", "epochs", "head_epochs")},
         }
         results[mode] = row

@@ -14,7 +14,7 @@ from inspection.registry import Registry
 @task
 def export_run(run_dir: str, out: str, int8: bool) -> str:
     result = export_onnx(ExportConfig(int8=int8), Path(run_dir), Path(out))
-    return str(result.out_dir)
+    return str(result.out)
 
 
 @task(retries=2, retry_delay_seconds=10)  # the registry may sit on a network share

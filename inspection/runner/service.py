@@ -22,8 +22,9 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -57,6 +58,7 @@ STATUS_FOR_REASON = {
     "missing_file": 400,
     "missing_part_id": 400,
     "bad_field": 400,
+    "bad_multipart": 400,
 }
 _ID_RE = re.compile(r"^[\w.\-:/#]{1,256}$")  # part ids and stations as PLCs send them; no spaces/control chars
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
@@ -92,6 +94,9 @@ class Runtime:
     swapper: HotSwapper | None
     publisher: Any = None  # MqttPublisher when a broker is configured
     folder: Any = None  # FolderWatcher when a drop folder is configured
+    media: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="heatmap-writer")
+    )
 
     @classmethod
     def build(cls, config: RunnerConfig) -> Runtime:
@@ -153,6 +158,7 @@ class Runtime:
         if self.swapper is not None:
             self.swapper.stop()
         self.batcher.stop()
+        self.media.shutdown(wait=True)  # every recorded overlay is written before the process ends
         if self.publisher is not None:
             self.publisher.stop()
         self.store.close()
@@ -318,7 +324,10 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
                     declared = request.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > limits.max_bytes + 65536:
                         raise _Held(413, "too_large_file", f"Content-Length {declared} exceeds the limit")
-                    form = await request.form(max_files=1, max_fields=16)
+                    try:
+                        form = await request.form(max_files=1, max_fields=16)
+                    except Exception as exc:  # malformed multipart, too many files/fields: still a held part
+                        raise _Held(400, "bad_multipart", f"multipart body cannot be parsed: {exc}") from None
                     upload = form.get("file")
                     pid = _field(part_id, "part_id") or _field(form.get("part_id"), "part_id")
                     sid = _field(station, "station") or _field(form.get("station"), "station")
@@ -372,7 +381,11 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
             )
         result = rt.decide(request_id, pid, station_id, t0, pred, None, hashlib.sha256(data).hexdigest())
         try:
-            await run_in_threadpool(rt.store.record_inspection, result, data, pred.heatmap, "http", image=image)
+            due = await run_in_threadpool(
+                rt.store.record_inspection, result, data, pred.heatmap, "http", image=image, defer_heatmap=True
+            )
+            if due:  # the overlay is derived data: rendered after the answer, by one low-priority thread
+                rt.media.submit(rt.store.write_heatmap, request_id, pred.heatmap, image)
         except Exception:
             logger.exception("decision store write failed for %s: answering 503 + review", request_id)
             rt.metrics.errors.labels("store").inc()

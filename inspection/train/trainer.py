@@ -512,6 +512,12 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     data = data if data is not None else config.data
     if data is None:
         raise ConfigError("no data: pass --data (store, manifest or image folder) or set `data:` in the config")
+    existing = [name for name in ("checkpoint.pt", "last.pt") if (out / name).is_file()]
+    if existing and not config.resume:
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(existing)}); pass --resume (resume=true) to continue it, "
+            "or choose a new --out: a finished run is never overwritten"
+        )
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     generator = seed_everything(config.seed)
@@ -672,20 +678,28 @@ def _train_cached(net, config, splits, size_hw, device, pos_weight, out, generat
     def validate():
         return score(feats["val"]), val_targets
 
-    state = fit(
-        net,
-        config,
-        epochs,
-        batches,
-        steps,
-        logits_of,
-        validate,
-        pos_weight,
-        device,
-        out,
-        save_last_every_epoch=not head,
-        generator=generator,
-    )
+    threads = torch.get_num_threads()
+    if head:
+        # a linear head on (32, C) batches: each op takes microseconds, and waking a second thread costs more
+        # than the op (10x slower per epoch on a busy 2-core box)
+        torch.set_num_threads(1)
+    try:
+        state = fit(
+            net,
+            config,
+            epochs,
+            batches,
+            steps,
+            logits_of,
+            validate,
+            pos_weight,
+            device,
+            out,
+            save_last_every_epoch=not head,
+            generator=generator,
+        )
+    finally:
+        torch.set_num_threads(threads)
     state.images_seen += n_images  # the frozen part's work, counted once
     net.load_state_dict(state.best_state)
     net.eval()

@@ -149,3 +149,15 @@ def test_folder_identity_in_same_transaction(tmp_path):
             _result("f2", Verdict.pass_, 0.1), None, None, "folder", folder_identity=("id1", "a.png", "processed")
         )
     assert store.get_inspection("f2") is None
+
+
+def test_deferred_heatmap_path_recorded_then_written(tmp_path, jpeg):
+    store = DecisionStore(tmp_path)
+    heat = np.ones((7, 7), np.float32)
+    due = store.record_inspection(_result("d1", Verdict.reject, 0.9), jpeg, heat, "http", defer_heatmap=True)
+    row = store.get_row("d1")
+    assert due and row["heatmap_path"] == "heatmaps/d1.png" and not (tmp_path / row["heatmap_path"]).exists()
+    assert (tmp_path / row["image_path"]).read_bytes() == jpeg  # the evidence itself is never deferred
+    assert store.write_heatmap("d1", heat, decode_image(jpeg)) == row["heatmap_path"]
+    assert decode_image((tmp_path / row["heatmap_path"]).read_bytes()).shape == (48, 64, 3)
+    assert not store.record_inspection(_result("d2", Verdict.pass_, 0.1), jpeg, heat, "http", defer_heatmap=True)

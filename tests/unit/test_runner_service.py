@@ -62,6 +62,7 @@ def test_inspect_raw_body_verdicts_and_store(client, value, verdict):
     kept = verdict in ("review", "reject")
     assert (row["image_path"] is not None) == kept and (row["heatmap_path"] is not None) == kept
     if kept:
+        client.rt.media.submit(lambda: None).result(10)  # the overlay is written right after the answer
         assert (client.rt.store.media_dir / row["image_path"]).read_bytes() == body
         assert (client.rt.store.media_dir / row["heatmap_path"]).is_file()
 
@@ -107,9 +108,12 @@ def test_request_level_bad_inputs_are_held(client):
     # a part id with control characters
     r = _post(client, encode_jpeg(sample_frame()), part="bad\nid")
     assert r.status_code == 400 and r.json()["reason"] == "bad_field"
-    ids = [r.json()["result"]["request_id"]]
-    assert all(client.rt.store.get_inspection(i).verdict == "review" for i in ids)
-    assert client.rt.store.count_by_verdict()["review"] == 3 and client.rt.store.count() == 3
+    # two files where one is allowed
+    two = [("file", ("a.jpg", b"\xff\xd8\xff", "image/jpeg")), ("file", ("b.jpg", b"\xff\xd8\xff", "image/jpeg"))]
+    r = client.post("/v1/inspect", files=two, data={"part_id": "M-2"}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["reason"] == "bad_multipart"
+    assert client.rt.store.get_inspection(r.json()["result"]["request_id"]).verdict == "review"
+    assert client.rt.store.count_by_verdict() == {"pass": 0, "review": 4, "reject": 0}
 
 
 def test_body_over_limit_refused_before_buffering(tmp_path):

@@ -248,6 +248,8 @@ def test_resume_continues_where_an_interrupted_run_stopped(synth_store: Path, tm
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
     assert resumed.card.thresholds.reject == pytest.approx(full.card.thresholds.reject, rel=1e-5)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_train(config, synth_store, tmp_path / "a")  # never overwrite a finished run by accident
 
 
 def test_head_mode_caches_features(synth_store: Path, tmp_path: Path, monkeypatch):

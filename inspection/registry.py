@@ -1,0 +1,412 @@
+"""Model registry: immutable versions, the `production`/`previous` aliases, a promotion gate and a history log.
+
+Layout of a registry folder (no torch needed to read or change it, so the runner and the flows share it):
+
+    ROOT/registry.yaml      RegistryConfig: golden set, gate limits
+    ROOT/golden.json        the golden set frozen at `init`: [{"sha256", "path", "label"}] (a fixed labelled set)
+    ROOT/versions/<v>/      model file(s), model_card.json (files -> sha256), metrics, plots, SHA256SUMS
+    ROOT/aliases.json       {"production": v, "previous": v}; replaced atomically (write, fsync, rename)
+    ROOT/history.jsonl      one JSON line per change: who, when, what, why, the gate's figures
+    ROOT/gate_cache/        golden-set figures per version (a version is immutable, so they never go stale)
+
+Every change of aliases/history happens under an exclusive file lock, so concurrent promotions serialise and
+leave a consistent registry. A version's files are checked against the sha256 in its card whenever it is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inspection.config import from_dict, load_config, save_config
+from inspection.errors import ConfigError, DataError, IntegrityError, RegistryError
+from inspection.schemas import ModelCard
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "registry.yaml"
+ALIASES = ("production", "previous")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    golden_set: str | None = None  # store / manifest (its `golden_split`) or a def_front/ok_front folder
+    golden_split: str = "test"  # held-out parts: never trained on, never used for calibration
+    max_escape_rate: float = 0.01  # first promotion (no production yet): at most this share of defects passed
+    max_false_reject_rate: float = 0.25  # first promotion: at most this share of good parts rejected
+    escape_tolerance: float = 0.0  # a candidate may not let more defects pass than production: escapes cost most
+    false_reject_margin: float = 0.02  # it may scrap this much more of the good parts than production
+    model_file: str = "model.onnx"  # what the gate evaluates (the FP32 reference)
+    threads: int | None = None  # onnxruntime threads for the gate's evaluation; None = all cores
+
+    def validate(self) -> None:
+        for name in ("max_escape_rate", "max_false_reject_rate", "escape_tolerance", "false_reject_margin"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"registry.{name}: got {value}, allowed 0..1 (a rate)")
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    dir: Path
+    card: ModelCard
+    model_path: Path
+
+
+@dataclass(frozen=True)
+class GoldenFigures:
+    n: int
+    n_defect: int
+    escape_rate: float  # defective parts answered `pass`
+    false_reject_rate: float  # good parts answered `reject`
+    review_rate: float  # parts held for a human
+    accuracy: float  # pass = ok, reject/review = defect
+
+
+@dataclass
+class GateReport:
+    version: str
+    production: str | None
+    promoted: bool
+    forced: bool
+    reason: str
+    candidate: dict[str, Any] | None = None
+    production_figures: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # candidate vs production, for humans
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Registry:
+    """A registry folder. Cheap to construct: every method reads the files it needs."""
+
+    def __init__(self, root: str | Path, config: RegistryConfig | None = None):
+        self.root = Path(root)
+        cfg_path = self.root / CONFIG_NAME
+        self.config = config or (load_config(RegistryConfig, cfg_path) if cfg_path.is_file() else RegistryConfig())
+
+    # ------------------------------------------------------------------------------------------- set-up
+    @classmethod
+    def init(cls, root: str | Path, config: RegistryConfig) -> Registry:
+        """Create (or re-configure) a registry and freeze its golden set from `config.golden_set`."""
+        root = Path(root)
+        (root / "versions").mkdir(parents=True, exist_ok=True)
+        save_config(config, root / CONFIG_NAME)
+        reg = cls(root, config)
+        if config.golden_set:
+            golden = _collect_golden(Path(config.golden_set), config.golden_split)
+            _atomic_write(root / "golden.json", json.dumps(golden, indent=1) + "\n")
+            logger.info("registry %s: golden set of %d parts frozen from %s", root, len(golden), config.golden_set)
+        return reg
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------------------------------- versions
+    def versions(self) -> list[str]:
+        """Registered versions, oldest first."""
+        base = self.root / "versions"
+        if not base.is_dir():
+            return []
+        found = []
+        for d in base.iterdir():
+            meta = d / "registered.json"
+            if d.is_dir() and meta.is_file():
+                found.append((json.loads(meta.read_text())["registered_at"], d.name))
+        return [name for _, name in sorted(found)]
+
+    def register(self, export_dir: str | Path, user: str | None = None) -> str:
+        """Copy an export folder in as an immutable version named by its card; returns the version.
+
+        Registering the same files again returns the existing version; a different model under a version name
+        that exists is refused.
+        """
+        export_dir = Path(export_dir)
+        card = _read_card(export_dir / "model_card.json")
+        _verify_files(export_dir, card)
+        version = card.version
+        if not version or "/" in version or version.startswith("."):
+            raise RegistryError(f"model card version {version!r} cannot name a registry version")
+        target = self.root / "versions" / version
+        with self._locked():
+            if target.exists():
+                existing = _read_card(target / "model_card.json")
+                if existing.files == card.files:
+                    logger.info("version %s is already registered with the same files", version)
+                    return version
+                raise RegistryError(f"version {version} is already registered with different files; refusing")
+            tmp = self.root / "versions" / f".{version}.incoming"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(export_dir, tmp)
+            sums = "".join(f"{sha}  {name}\n" for name, sha in sorted(card.files.items()))
+            (tmp / "SHA256SUMS").write_text(sums)
+            when = datetime.now(UTC).isoformat()
+            (tmp / "registered.json").write_text(json.dumps({"registered_at": when, "by": user or _user()}))
+            os.replace(tmp, target)
+            self._append_history("register", version=version, user=user, reason=f"from {export_dir}")
+        logger.info("registered %s", version)
+        return version
+
+    def get(self, version: str) -> ModelVersion:
+        """A registered version, its files verified against the sha256 in its card (IntegrityError if not)."""
+        d = self.root / "versions" / version
+        if not (d / "registered.json").is_file():
+            raise RegistryError(f"unknown version {version!r}; registered: {', '.join(self.versions()) or 'none'}")
+        card = _read_card(d / "model_card.json")
+        _verify_files(d, card)
+        return ModelVersion(version=version, dir=d, card=card, model_path=d / self.config.model_file)
+
+    # ------------------------------------------------------------------------------------------- aliases
+    def aliases(self) -> dict[str, str | None]:
+        path = self.root / "aliases.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        return {name: data.get(name) for name in ALIASES}
+
+    def alias(self, name: str = "production") -> str | None:
+        if name not in ALIASES:
+            raise RegistryError(f"unknown alias {name!r}; allowed: {', '.join(ALIASES)}")
+        return self.aliases()[name]
+
+    def history(self) -> list[dict[str, Any]]:
+        path = self.root / "history.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _append_history(self, action: str, user: str | None = None, **fields: Any) -> None:
+        entry = {"time": datetime.now(UTC).isoformat(), "user": user or _user(), "action": action, **fields}
+        with open(self.root / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _set_aliases(self, production: str | None, previous: str | None) -> None:
+        _atomic_write(self.root / "aliases.json", json.dumps({"production": production, "previous": previous}) + "\n")
+
+    # ------------------------------------------------------------------------------------------- gate
+    def golden_figures(self, version: str) -> GoldenFigures:
+        """The version's verdicts on the frozen golden set (cached per version: versions are immutable)."""
+        golden = self._golden()
+        key = hashlib.sha256(json.dumps(golden, sort_keys=True).encode()).hexdigest()[:16]
+        cache = self.root / "gate_cache" / f"{version}-{key}.json"
+        if cache.is_file():
+            return GoldenFigures(**json.loads(cache.read_text()))
+        mv = self.get(version)
+        figures = _evaluate_golden(mv, golden, self.config.threads)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cache, json.dumps(asdict(figures)))
+        return figures
+
+    def _golden(self) -> list[dict[str, str]]:
+        path = self.root / "golden.json"
+        if not path.is_file():
+            raise RegistryError(
+                f"registry {self.root} has no golden set; run `inspection registry init --golden-set PATH` first"
+            )
+        return json.loads(path.read_text())
+
+    def gate(self, version: str) -> GateReport:
+        """Would `version` be promoted? Compares it with production on the golden set; changes nothing."""
+        production = self.alias("production")
+        cfg = self.config
+        cand = self.golden_figures(version)
+        if production is None:
+            ok = cand.escape_rate <= cfg.max_escape_rate and cand.false_reject_rate <= cfg.max_false_reject_rate
+            reason = (
+                f"first model: escape rate {cand.escape_rate:.4f} (limit {cfg.max_escape_rate}), false-reject rate "
+                f"{cand.false_reject_rate:.4f} (limit {cfg.max_false_reject_rate})"
+            )
+            prod = None
+        else:
+            prod = self.golden_figures(production)
+            escape_ok = cand.escape_rate <= prod.escape_rate + cfg.escape_tolerance
+            frr_ok = cand.false_reject_rate <= prod.false_reject_rate + cfg.false_reject_margin
+            ok = escape_ok and frr_ok
+            reason = (
+                f"escape rate {cand.escape_rate:.4f} vs production {prod.escape_rate:.4f} "
+                f"({'ok' if escape_ok else 'worse'}); false-reject rate {cand.false_reject_rate:.4f} vs "
+                f"{prod.false_reject_rate:.4f} + margin {cfg.false_reject_margin} ({'ok' if frr_ok else 'worse'})"
+            )
+        rows = [{"model": f"candidate {version}", **asdict(cand)}]
+        if prod is not None:
+            rows.append({"model": f"production {production}", **asdict(prod)})
+        return GateReport(
+            version=version,
+            production=production,
+            promoted=ok,
+            forced=False,
+            reason=("passes: " if ok else "refused: ") + reason,
+            candidate=asdict(cand),
+            production_figures=asdict(prod) if prod else None,
+            rows=rows,
+        )
+
+    def promote(self, version: str, reason: str = "", user: str | None = None, force: bool = False) -> GateReport:
+        """Make `version` production if it passes the gate (or `force` with a reason); previous <- production."""
+        self.get(version)  # exists and is intact
+        if force and not reason.strip():
+            raise RegistryError("--force needs --reason TEXT: an override must say why")
+        with self._locked():
+            current = self.alias("production")
+            if current == version:
+                return GateReport(version, current, False, False, f"{version} is already production")
+            try:
+                report = self.gate(version)
+            except RegistryError:
+                if not force:
+                    raise
+                report = GateReport(version, current, False, False, "no golden set to gate on")
+            if not report.promoted and not force:
+                self._append_history("refused", user=user, version=version, reason=reason, gate=report.reason)
+                logger.warning("gate refused %s: %s", version, report.reason)
+                return report
+            report.forced = force and not report.promoted
+            report.promoted = True
+            self._set_aliases(version, current)
+            self._append_history(
+                "promote",
+                user=user,
+                version=version,
+                **{"from": current},
+                reason=reason,
+                forced=report.forced,
+                gate=report.reason,
+            )
+        logger.info("promoted %s (was %s)%s", version, current, " FORCED" if report.forced else "")
+        return report
+
+    def rollback(self, reason: str = "", user: str | None = None) -> str:
+        """production <- previous, previous <- the version rolled back from; returns the new production."""
+        with self._locked():
+            aliases = self.aliases()
+            previous, current = aliases["previous"], aliases["production"]
+            if previous is None:
+                raise RegistryError("nothing to roll back to: the registry has no `previous` version")
+            self.get(previous)  # refuse to roll back onto a damaged version
+            self._set_aliases(previous, current)
+            self._append_history("rollback", user=user, version=previous, **{"from": current}, reason=reason)
+        logger.info("rolled back %s -> %s", current, previous)
+        return previous
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
+
+
+def _read_card(path: Path) -> ModelCard:
+    if not path.is_file():
+        raise RegistryError(f"no model card at {path}")
+    try:
+        return ModelCard.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise RegistryError(f"model card {path} is invalid: {exc}") from None
+
+
+def _verify_files(folder: Path, card: ModelCard) -> None:
+    if not card.files:
+        raise IntegrityError(f"model card in {folder} lists no files with their sha256")
+    for name, expected in card.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"{path} is listed in the model card but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise IntegrityError(f"{path}: sha256 {actual[:16]}… does not match the model card's {expected[:16]}…")
+
+
+def _collect_golden(source: Path, split: str) -> list[dict[str, str]]:
+    """Labelled golden parts from a store/manifest (one split) or a def_front/ok_front folder."""
+    from inspection.ingest import IngestConfig, load_samples
+
+    if source.is_file() or (source / "manifest.sqlite").is_file():
+        items = [
+            {"sha256": s.sha256, "path": str(s.path), "label": s.label}
+            for s in load_samples(source)
+            if s.split == split and s.label in ("ok", "defect")
+        ]
+    elif source.is_dir():
+        mapping = IngestConfig().label_map
+        items = []
+        for folder, label in mapping.items():
+            for p in sorted((source / folder).glob("*")) if (source / folder).is_dir() else []:
+                if p.is_file():
+                    items.append({"sha256": sha256_file(p), "path": str(p.resolve()), "label": label})
+    else:
+        raise DataError(f"golden set {source} is neither a store, a manifest nor a folder of images")
+    if not any(i["label"] == "defect" for i in items) or not any(i["label"] == "ok" for i in items):
+        raise DataError(f"golden set {source} (split {split}) needs both defect and ok parts; found {len(items)} parts")
+    return items
+
+
+def _evaluate_golden(mv: ModelVersion, golden: list[dict[str, str]], threads: int | None) -> GoldenFigures:
+    from inspection.images import read_image
+    from inspection.onnx_infer import OnnxModel
+    from inspection.schemas import Thresholds
+    from inspection.thresholds import verdicts_for
+
+    model = OnnxModel(mv.model_path, threads=threads, expected_sha256=mv.card.files.get(mv.model_path.name))
+    images = []
+    for item in golden:
+        path = Path(item["path"])
+        if not path.is_file():
+            raise DataError(f"golden part {path} is missing; the golden set must stay where it was frozen")
+        images.append(read_image(path))
+    scores, _ = model.predict_images(images)
+    verdicts = verdicts_for(np.asarray(scores), Thresholds.model_validate(mv.card.thresholds.model_dump()))
+    labels = np.array([i["label"] for i in golden])
+    defect, ok = labels == "defect", labels == "ok"
+    return GoldenFigures(
+        n=len(golden),
+        n_defect=int(defect.sum()),
+        escape_rate=float((verdicts[defect] == "pass").mean()),
+        false_reject_rate=float((verdicts[ok] == "reject").mean()),
+        review_rate=float((verdicts == "review").mean()),
+        accuracy=float(((verdicts == "pass") == ok).mean()),
+    )
+
+
+def config_from_mapping(data: dict[str, Any]) -> RegistryConfig:
+    return from_dict(RegistryConfig, data)

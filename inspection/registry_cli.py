@@ -1,0 +1,78 @@
+"""`inspection registry`: list, show, init, register, promote, rollback and history of model versions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from inspection.config import load_config
+from inspection.registry import CONFIG_NAME, Registry, RegistryConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, default=Path("registry"), help="registry folder (default ./registry)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="versions, with the aliases that point at them")
+    show = sub.add_parser("show", help="a version's model card and golden-set figures")
+    show.add_argument("version")
+    init = sub.add_parser("init", help="create the registry and freeze its golden set")
+    init.add_argument("--golden-set", required=True, help="ingest store/manifest or def_front/ok_front folder")
+    init.add_argument("--split", default="test", help="split of a store used as golden set (default test)")
+    init.add_argument("--config", type=Path, help="registry YAML with the gate limits")
+    reg = sub.add_parser("register", help="register an export folder as a new immutable version")
+    reg.add_argument("export_dir", type=Path)
+    promote = sub.add_parser("promote", help="gate a version against production and promote it")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="override a refused gate (needs --reason)")
+    promote.add_argument("--reason", default="", help="why; recorded in the history")
+    rollback = sub.add_parser("rollback", help="production <- previous, in one command")
+    rollback.add_argument("--reason", default="", help="why; recorded in the history")
+    sub.add_parser("history", help="every change, oldest first (JSON lines)")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    if args.action == "init":
+        config = load_config(RegistryConfig, args.config) if args.config else RegistryConfig()
+        config = replace(config, golden_set=str(Path(args.golden_set).resolve()), golden_split=args.split)
+        Registry.init(args.root, config)
+        logger.info("registry %s ready (%s)", args.root, args.root / CONFIG_NAME)
+        return 0
+    reg = Registry(args.root)
+    if args.action == "list":
+        aliases = reg.aliases()
+        for version in reg.versions():
+            tags = [name for name, v in aliases.items() if v == version]
+            card = reg.get(version).card
+            out.write(f"{version}\t{card.mode}\treject≥{card.thresholds.reject:.4f}\t{','.join(tags)}\n")
+        return 0
+    if args.action == "show":
+        card = reg.get(args.version).card
+        data = json.loads(card.model_dump_json())
+        try:
+            from dataclasses import asdict
+
+            data["golden"] = asdict(reg.golden_figures(args.version))
+        except Exception as exc:  # no golden set yet: show the card anyway
+            data["golden"] = f"unavailable: {exc}"
+        out.write(json.dumps(data, indent=2) + "\n")
+        return 0
+    if args.action == "register":
+        out.write(reg.register(args.export_dir) + "\n")
+        return 0
+    if args.action == "promote":
+        report = reg.promote(args.version, reason=args.reason, force=args.force)
+        out.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        return 0 if report.promoted else 3  # 3: refused by the gate (not an error of the command)
+    if args.action == "rollback":
+        out.write(reg.rollback(reason=args.reason) + "\n")
+        return 0
+    for entry in reg.history():
+        out.write(json.dumps(entry) + "\n")
+    return 0
