@@ -7,12 +7,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 
 from flows.deploy_flow import deploy_flow
 from flows.export_register_flow import export_and_register_flow
 from flows.ingest_flow import ingest_flow
 from flows.train_flow import train_flow
+from inspection.registry import CONFIG_NAME, Registry, RegistryConfig
+
+
+@task
+def ensure_registry(registry: str, golden_from: str) -> None:
+    """A new plant's registry freezes its golden set from the store's held-out split on the first retrain."""
+    if not (Path(registry) / CONFIG_NAME).is_file():
+        Registry.init(Path(registry), RegistryConfig(golden_set=str(Path(golden_from).resolve())))
 
 
 @flow(name="retrain")
@@ -30,6 +38,7 @@ def retrain_flow(
     """Returns {"counts", "run_dir", "version", "promoted", "gate"}."""
     logger = get_run_logger()
     counts = ingest_flow(sources=sources, store=store, review_db=review_db)
+    ensure_registry(registry, store)
     run_dir = Path(runs_dir) / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
     trained = train_flow(store=store, out=str(run_dir), mode=mode, config=train_config, overrides=train_overrides)
     version = export_and_register_flow(run_dir=trained, registry=registry, int8=int8)

@@ -200,14 +200,26 @@ def _second_version(tiny_registry: Path, tmp_path: Path, broken: str | None = No
     shutil.copytree(current.dir, export)
     card = ModelCard.model_validate_json((export / "model_card.json").read_text())
     card = card.model_copy(update={"version": f"{card.version}-b{broken or 'ok'}", "parent_version": card.version})
+    if broken == "wrong_contract":  # a valid ONNX file, honestly hashed, that is not an inspection model
+        from inspection.onnx_infer import _smoke_model_bytes, sha256_file
+
+        (export / "model.onnx").write_bytes(_smoke_model_bytes())
+        card = card.model_copy(update={"files": {**card.files, "model.onnx": sha256_file(export / "model.onnx")}})
     (export / "model_card.json").write_text(card.model_dump_json(indent=2))
     version = reg.register(export)
-    if broken == "corrupt":  # bytes changed after registration: the sha256 check must refuse it
-        path = reg.get(version).model_path
+    if broken == "wrong_contract":
+        # the registry's own gate would refuse to promote it; the runner must also hold the line when the alias is
+        # edited by hand (defence in depth), so point the alias at it directly
+        aliases = json.loads((tiny_registry / "aliases.json").read_text())
+        (tiny_registry / "aliases.tmp").write_text(json.dumps({**aliases, "production": version}))
+        os.replace(tiny_registry / "aliases.tmp", tiny_registry / "aliases.json")
+    else:
+        reg.promote(version, reason="test", user="tester", force=True)
+    if broken == "corrupt":  # bytes changed on disk after promotion: the sha256 check must refuse it
+        path = reg.root / "versions" / version / "model.onnx"
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
-    reg.promote(version, reason="test", user="tester", force=True)
     return version
 
 
@@ -257,9 +269,12 @@ def test_hot_swap_under_concurrent_load_without_failures(tmp_path, tiny_registry
     assert 'inspection_runner_model_swaps_total{outcome="swapped"}' in rt.metrics.render().decode()
 
 
-@pytest.mark.parametrize("broken", ["corrupt"])
+@pytest.mark.parametrize("broken", ["corrupt", "wrong_contract"])
 def test_broken_model_refused_old_keeps_serving(tmp_path, tiny_registry, broken):
-    cfg = _config(tmp_path, tiny_registry)
+    from inspection.runner.config import SwapConfig
+
+    # no polling: the test decides when the runner looks (after the file is corrupted)
+    cfg = _config(tmp_path, tiny_registry, swap=SwapConfig(enabled=False))
     rt = Runtime.build(cfg)
     with TestClient(create_app(cfg, rt)) as c:
         assert rt.wait_ready(120)
