@@ -13,14 +13,16 @@ from flows.deploy_flow import deploy_flow
 from flows.export_register_flow import export_and_register_flow
 from flows.ingest_flow import ingest_flow
 from flows.train_flow import train_flow
+from inspection.config import load_config
 from inspection.registry import CONFIG_NAME, Registry, RegistryConfig
 
 
 @task
-def ensure_registry(registry: str, golden_from: str) -> None:
+def ensure_registry(registry: str, golden_from: str, config: str | None) -> None:
     """A new plant's registry freezes its golden set from the store's held-out split on the first retrain."""
     if not (Path(registry) / CONFIG_NAME).is_file():
-        Registry.init(Path(registry), RegistryConfig(golden_set=str(Path(golden_from).resolve())))
+        limits = load_config(RegistryConfig, config, [f"golden_set={Path(golden_from).resolve()}"])
+        Registry.init(Path(registry), limits)
 
 
 @flow(name="retrain")
@@ -34,11 +36,15 @@ def retrain_flow(
     train_config: str | None = None,
     train_overrides: list[str] | None = None,
     int8: bool = False,
+    registry_config: str | None = None,
 ) -> dict:
-    """Returns {"counts", "run_dir", "version", "promoted", "gate"}."""
+    """Returns {"counts", "run_dir", "version", "promoted", "gate"}.
+
+    `registry_config` (gate limits, YAML) is used only when the registry does not exist yet.
+    """
     logger = get_run_logger()
     counts = ingest_flow(sources=sources, store=store, review_db=review_db)
-    ensure_registry(registry, store)
+    ensure_registry(registry, store, registry_config)
     run_dir = Path(runs_dir) / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
     trained = train_flow(store=store, out=str(run_dir), mode=mode, config=train_config, overrides=train_overrides)
     version = export_and_register_flow(run_dir=trained, registry=registry, int8=int8)

@@ -43,6 +43,7 @@ class DemoConfig:
     seed: int = 7
     mode: str = "partial"  # transfer-learning mode of the demo's training run
     train_config: Path = REPO_CONFIGS / "demo.yaml"
+    registry_config: Path = REPO_CONFIGS / "demo_registry.yaml"  # looser first-model limits: a 3-minute model
     clients: int = 4  # concurrent HTTP clients, like several stations' gateways
     token: str = "demo-token"  # bearer token of the demo runner
 
@@ -203,7 +204,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         registry=str(registry),
         mode=config.mode,
         train_config=str(config.train_config),
+        registry_config=str(config.registry_config),
     )
+    if not flow_result["promoted"]:
+        reason = (flow_result.get("gate") or {}).get("reason")
+        raise InspectionError(f"the gate refused the demo model {flow_result['version']}: {reason}; nothing to serve")
     t_pipeline = time.perf_counter() - t0
     items = _stream_items(config, store)
     port = _free_port()
