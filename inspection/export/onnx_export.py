@@ -29,11 +29,12 @@ from inspection import __version__
 from inspection.config import save_config
 from inspection.errors import ConfigError, DataError, InspectionError
 from inspection.export.config import ExportConfig
-from inspection.export.parity import ParityReport, check_parity
+from inspection.export.parity import ParityReport, check_parity, rejudge, resolve_threshold_ties
 from inspection.export.quantize import Int8Report, convert_fp16, int8_gate, measure_latency, quantize_int8
 from inspection.images import read_image
 from inspection.onnx_infer import CARD_FILE, INPUT_NAME, OUTPUT_NAMES, OnnxModel, sha256_file
 from inspection.schemas import ModelCard
+from inspection.thresholds import verdicts_for
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,10 @@ def export_net(
             config.max_heatmap_diff,
             config.parity_batch_size,
         )
+        if not parity.passed and parity.n_verdict_mismatch and len(parity.failures) == 1:
+            card, parity = _resolve_ties(parity, card, notes)
+            embedded = card.model_copy(update={"files": {}})
+            write_metadata(model_path, embedded, precision="fp32", dynamic_size=dynamic)
         (tmp / "parity.json").write_text(json.dumps(parity.to_dict(), indent=2))
         if not parity.passed:
             raise ExportCheckError(
@@ -254,6 +259,24 @@ def trace_to_onnx(net: torch.nn.Module, path: Path, example: np.ndarray, dynamic
             raise ExportCheckError(f"the exporter wrote external data next to {path}; expected one file")
         return dyn
     raise ExportCheckError(f"torch.onnx.export failed: {last_exc}")  # pragma: no cover
+
+
+def _resolve_ties(parity: ParityReport, card: ModelCard, notes: list[str]) -> tuple[ModelCard, ParityReport]:
+    """Verdicts differ with scores within limits: a threshold sitting on a validation score? Move it off."""
+    assert parity.ref_probs is not None and parity.got_probs is not None
+    resolved = resolve_threshold_ties(parity.ref_probs, parity.got_probs, card.thresholds)
+    if resolved is None:
+        return card, parity
+    thresholds, moved = resolved
+    again = rejudge(parity, thresholds)
+    unchanged = (verdicts_for(parity.ref_probs, thresholds) == verdicts_for(parity.ref_probs, card.thresholds)).all()
+    if not again.passed or not moved or not unchanged:
+        return card, parity
+    for line in moved:
+        logger.warning("%s", line)
+    notes.extend(moved)
+    card_notes = "; ".join([card.notes, *moved] if card.notes else moved)
+    return card.model_copy(update={"thresholds": thresholds, "notes": card_notes}), again
 
 
 def write_metadata(path: Path, card: ModelCard, precision: str, dynamic_size: bool) -> None:

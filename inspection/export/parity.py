@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,51 @@ class ParityReport:
     max_heatmap_diff_limit: float
     passed: bool
     failures: list[str] = field(default_factory=list)
+    # the scores compared (PyTorch, ONNX), kept for threshold-tie resolution; not part of the JSON report
+    ref_probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    got_probs: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in ("ref_probs", "got_probs")}
+
+
+def resolve_threshold_ties(
+    ref_probs: np.ndarray, got_probs: np.ndarray, thresholds: Thresholds
+) -> tuple[Thresholds, list[str]] | None:
+    """Thresholds under which both engines give every image the verdict PyTorch gave it under `thresholds`.
+
+    The trainer calibrates a threshold *on* a validation defect's score (the highest t keeping the escape rate),
+    so that image's verdict is decided by float rounding: ONNX may score it 1e-7 lower and flip it. Moving the
+    threshold to the middle of the empty gap around it (taking both engines' scores into account)
+    keeps every PyTorch verdict on the validation images, and so the calibrated rates, exactly, and removes the
+    tie. Returns None when no such gap exists (then ONNX really orders the scores differently: an export defect).
+    """
+    ref = ref_probs.astype(np.float64)
+    got = got_probs.astype(np.float64)
+    lo_all, hi_all = np.minimum(ref, got), np.maximum(ref, got)
+    new: dict[str, float] = {}
+    notes = []
+    for name in ("reject", "review"):
+        t = float(getattr(thresholds, name))
+        above = ref >= t
+        upper = float(lo_all[above].min()) if above.any() else 1.0  # every "above" image, in both engines
+        lower = float(hi_all[~above].max()) if (~above).any() else 0.0
+        if upper <= lower:
+            return None
+        if lower < t <= upper:
+            new[name] = t  # both engines already agree on every image: keep the calibrated value
+            continue
+        moved = (lower + upper) / 2 if lower < upper else t
+        new[name] = moved
+        notes.append(
+            f"{name} threshold {t:.9g} sat on a validation score (float rounding decided that image's verdict); "
+            f"moved to {moved:.9g}, midway in the empty gap ({lower:.9g}, {upper:.9g}]: every PyTorch verdict "
+            "on the validation images is unchanged"
+        )
+    if thresholds.review == thresholds.reject:
+        new["review"] = new["reject"]  # no review band: keep it that way
+    new["review"] = min(new["review"], new["reject"])
+    return Thresholds(reject=new["reject"], review=new["review"]), notes
 
 
 def torch_predict(net: torch.nn.Module, images: Sequence[np.ndarray], batch_size: int = 16):
@@ -99,6 +141,25 @@ def compare(
         n_verdict_mismatch=mismatches,
         max_prob_diff_limit=max_prob_diff,
         max_heatmap_diff_limit=max_heatmap_diff,
+        passed=not failures,
+        failures=failures,
+        ref_probs=ref_probs,
+        got_probs=got_probs,
+    )
+
+
+def rejudge(report: ParityReport, thresholds: Thresholds) -> ParityReport:
+    """The same comparison under other thresholds (the scores do not change, only the verdicts)."""
+    assert report.ref_probs is not None and report.got_probs is not None
+    same = verdicts_for(report.ref_probs, thresholds) == verdicts_for(report.got_probs, thresholds)
+    mismatches = int(report.n_images - same.sum())
+    failures = [f for f in report.failures if "verdicts differ" not in f]
+    if mismatches:
+        failures.append(f"{mismatches} of {report.n_images} verdicts differ")
+    return replace(
+        report,
+        verdict_agreement=float(same.mean()),
+        n_verdict_mismatch=mismatches,
         passed=not failures,
         failures=failures,
     )

@@ -162,10 +162,15 @@ def int8_gate(
 
 
 def measure_latency(
-    path: str | Path, image: np.ndarray, batch_sizes: Sequence[int], threads: int = 2, repeats: int = 10
+    path: str | Path,
+    image: np.ndarray,
+    batch_sizes: Sequence[int],
+    threads: int = 2,
+    repeats: int = 10,
+    allow_spinning: bool = True,
 ) -> dict[str, float]:
     """Median milliseconds per image at each batch size (onnxruntime CPU, `threads` intra-op threads)."""
-    model = OnnxModel(path, providers=["CPUExecutionProvider"], threads=threads)
+    model = OnnxModel(path, providers=["CPUExecutionProvider"], threads=threads, allow_spinning=allow_spinning)
     out = {}
     for bs in batch_sizes:
         batch = np.ascontiguousarray(np.broadcast_to(image, (bs, *image.shape)))

@@ -136,10 +136,10 @@ def run_evaluate(
         pool = [s for s in pool if s.label is not None and (split == "all" or s.split == split)]
     if not pool:
         raise DataError(f"no labelled samples in split {split!r} of {data or run_dir / 'samples.json'}")
-    torch.set_grad_enabled(False)
     device = torch.device("cpu")
     size_hw = common_size(pool)
-    scores = predict_scores(loaded.net, pool, size_hw, batch_size=64, device=device)
+    with torch.no_grad():  # scoped: a library call must not switch autograd off for its caller
+        scores = predict_scores(loaded.net, pool, size_hw, batch_size=64, device=device)
     labels = [s.label for s in pool]
     metrics = evaluate_scores(scores, labels, loaded.card.thresholds)
     line = line_report(scores, labels, loaded.card.thresholds)
