@@ -184,6 +184,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     from flows.retrain_flow import retrain_flow
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per part would bury the summary
+
     t0 = time.perf_counter()
     out = config.out
     _prepare_out(out)
@@ -228,7 +230,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             "pipeline_seconds": round(t_pipeline, 1),
             "total_seconds": round(time.perf_counter() - t0, 1),
             "flagged_parts_store": str((out / "decisions").resolve()),
-            "flagged_images": str((out / "decisions" / "media" / "images").resolve()),
+            "flagged_images": str((out / "decisions" / "images").resolve()),
             "review_app": f"inspection review serve --store {out / 'decisions'}",
             "data": str(source),
         }
