@@ -1,4 +1,4 @@
-"""`inspection export RUN_DIR --out DIR [--int8] [--fp16] [--config FILE] [key=value ...]`.
+"""`inspection export RUN_DIR [key=value ...] --out DIR [--int8] [--fp16] [--config FILE] [--set key=value]`.
 
 Prints the export result as JSON on stdout (parity figures, INT8 decision and speed-up); exits 1 when a check
 fails (nothing is written then).
@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # run_dir and the overrides share one positional list: argparse cannot fill two positionals around `--out`
+    # run_dir and the overrides share one positional list (argparse cannot fill two positionals); overrides after
+    # `--out` are not positionals any more for argparse, so `--set key=value` works anywhere on the line
     parser.add_argument(
         "run_and_overrides",
         nargs="+",
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the exported model")
     parser.add_argument("--int8", action="store_true", help="also quantize to INT8 (kept only if it passes the gate)")
     parser.add_argument("--fp16", action="store_true", help="also write a float16 model for GPU providers")
+    parser.add_argument("--set", action="append", default=[], metavar="key=value", help="ExportConfig override")
     parser.add_argument("--config", type=Path, default=None, help="ExportConfig YAML file")
 
 
@@ -35,10 +37,11 @@ def main(args: argparse.Namespace) -> int:
     from inspection.export import ExportConfig, export_onnx
 
     run_dir, *overrides = args.run_and_overrides
+    overrides += args.set
     if "=" in run_dir or any("=" not in o for o in overrides):
         raise ConfigError(
             f"expected RUN_DIR then key=value overrides, got {args.run_and_overrides}; e.g. "
-            "inspection export runs/r1 --out exports/r1 calibration_images=200"
+            "inspection export runs/r1 calibration_images=200 --out exports/r1 (or --set key=value)"
         )
     if args.int8:
         overrides.append("int8=true")

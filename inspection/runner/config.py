@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inspection.drift import DriftConfig
 from inspection.errors import ConfigError
 from inspection.images import ImageLimits
 
@@ -85,6 +86,8 @@ class RunnerConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
+    drift_enabled: bool = True  # watch brightness/contrast/score/verdict mix against the model's reference
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     def validate(self) -> None:
         if not self.station or "/" in self.station or "+" in self.station or "#" in self.station:

@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,8 @@ class Runtime:
     swapper: HotSwapper | None
     publisher: Any = None  # MqttPublisher when a broker is configured
     folder: Any = None  # FolderWatcher when a drop folder is configured
+    drift: Any = None  # DriftMonitor of the serving version (rebuilt when a swap changes the version)
+    drift_version: str | None = None
     media: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="heatmap-writer")
     )
@@ -199,6 +202,21 @@ class Runtime:
             reason=reason,
             image_sha256=image_sha256,
         )
+
+    def observe_drift(self, image: Any, score: float, verdict: str, version: str) -> None:
+        """Feed the drift monitor (well under 1 ms); its reference belongs to the model version that scored."""
+        if not self.config.drift_enabled:
+            return
+        if version != self.drift_version:
+            from inspection.drift import DriftMonitor
+
+            current = self.holder.current
+            model_dir = getattr(current, "model_path", None)
+            if current is None or current.version != version or model_dir is None:
+                return  # a swap is under way: the next part starts the new version's monitor
+            self.drift = DriftMonitor.for_model_dir(Path(model_dir).parent, self.config.drift)
+            self.drift_version = version
+        self.drift.observe(image, score, verdict)
 
     def after_record(self, result: InspectionResult, source: str) -> None:
         """Metrics and MQTT once a decision is durably stored."""
@@ -396,6 +414,7 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
             )
             return Response(body.model_dump_json(), status_code=503, media_type="application/json")
         rt.after_record(result, "http")
+        rt.observe_drift(image, pred.score, result.verdict.value, pred.version)
         return Response(result.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/results/{request_id}", response_model=InspectionResult, dependencies=[api_auth])
@@ -440,7 +459,10 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
     @app.get("/metrics", dependencies=[metrics_auth])
     async def metrics() -> Response:
         rt.metrics.queue_depth.set(rt.batcher.depth)
-        return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
+        body = rt.metrics.render()
+        if rt.drift is not None:
+            body += ("\n".join(rt.drift.prometheus_lines()) + "\n").encode()
+        return Response(body, media_type=rt.metrics.content_type)
 
     return app
 

@@ -206,15 +206,18 @@ def test_cli_export_writes_the_model_folder(tiny_run: Path, tmp_path: Path, caps
     from inspection.cli import main
 
     out = tmp_path / "cli_export"
-    assert main(["export", str(tiny_run), "--out", str(out), "measure_latency=false"]) == 0
+    assert (
+        main(["export", str(tiny_run), "parity_batch_size=8", "--out", str(out), "--set", "measure_latency=false"]) == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["parity"]["passed"] and printed["int8"] is None
+    assert "parity_batch_size: 8" in (out / "export_config.yaml").read_text()
     assert (out / MODEL_FILE).is_file() and (out / "model_card.json").is_file() and (out / "metrics.json").is_file()
     card = ModelCard.model_validate_json((out / "model_card.json").read_text())
     assert card.files == printed["files"] and list(card.files) == [MODEL_FILE]
     assert main(["export", str(tiny_run), "--out", str(out)]) == 1  # second time: folder not empty -> error
     assert "not empty" in capsys.readouterr().err
-    assert main(["export", str(tiny_run), "--out", str(tmp_path / "x"), "not_an_override"]) == 1
+    assert main(["export", str(tiny_run), "not_an_override", "--out", str(tmp_path / "x")]) == 1
     assert "expected RUN_DIR then key=value overrides" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
