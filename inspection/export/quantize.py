@@ -89,6 +89,12 @@ def quantize_int8(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
+    if method not in methods:
+        raise ValueError(f"calibration method {method!r} is not allowed; allowed: {sorted(methods)}")
+    if method != "minmax":
+        # the histogram calibrators stack every batch's activations into one array: a short last batch makes it
+        # ragged and onnxruntime fails ("inhomogeneous shape"); batches of one image are always equal
+        batch_size = 1
     out_path = Path(out_path)
 
     class Reader(_Calibration, CalibrationDataReader):

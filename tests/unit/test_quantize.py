@@ -124,3 +124,18 @@ def test_export_keeps_int8_calibrated_on_the_runs_images(run_parts, tmp_path: Pa
 
     loaded = OnnxModel(int8_path, providers=["CPUExecutionProvider"])  # verified against the sidecar card's hash
     assert loaded.card.files == result.files and set(result.files) == {MODEL_FILE, INT8_FILE}
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_quantize_accepts_a_short_last_batch(tiny_export: Path, tmp_path: Path, method: str) -> None:
+    """5 images in batches of 2: the histogram calibrators used to fail on the ragged last batch."""
+    from inspection.export.quantize import quantize_int8
+    from inspection.onnx_infer import OnnxModel
+
+    rng = np.random.default_rng(0)
+    calib = [rng.integers(0, 256, (96, 96, 3), dtype=np.uint8) for _ in range(5)]
+    out = quantize_int8(tiny_export / MODEL_FILE, tmp_path / "q.onnx", calib, batch_size=2, method=method)
+    probs, heat = OnnxModel(out, providers=["CPUExecutionProvider"]).predict(np.stack(calib[:2]))
+    assert probs.shape == (2,) and heat.ndim == 3 and np.isfinite(probs).all()
+    with pytest.raises(ValueError, match="not allowed"):
+        quantize_int8(tiny_export / MODEL_FILE, tmp_path / "r.onnx", calib, method="kmeans")
