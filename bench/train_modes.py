@@ -52,6 +52,13 @@ def subsample(samples: list, split: str, per_class: int | None, seed: int) -> li
     return out
 
 
+def accuracy_at_half(run_dir: Path) -> float:
+    """Test accuracy at a 0.5 score threshold (the classifier's own decision, before escape-rate calibration)."""
+    scores = np.load(run_dir / "test_scores.npy")
+    labels = np.array([s["label"] == "defect" for s in json.loads((run_dir / "samples.json").read_text())["test"]])
+    return float(((scores >= 0.5) == labels).mean())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="ingested store or def_front/ok_front folder")
@@ -101,6 +108,7 @@ def main() -> int:
             "test_escape_rate": test.escape_rate,
             "test_roc_auc": test.roc_auc,
             "test_confusion": test.confusion,
+            "test_accuracy_at_0.5": accuracy_at_half(args.out / mode),
             "thresholds": result.card.thresholds.model_dump(),
             "val_calibration": result.card.calibration["reject"],
             "test_line": scores_note["line"]["test"],

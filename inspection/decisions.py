@@ -3,7 +3,9 @@
 The runner writes one `inspections` row per answered request *before* the answer leaves; the review app reads
 them and appends `reviews` rows (append-only; a correction points at the decision it `replaces`). Images of parts
 that were not passed are kept content-addressed next to the database (`MEDIA/images/<sha[:2]>/<sha>.<ext>`) with
-a heatmap overlay (`MEDIA/heatmaps/<request_id>.png`), so QA sees what the model saw.
+the model's raw heatmap (`MEDIA/heatmaps/<request_id>.png`, a tiny 16-bit grey PNG of the h x w map: microseconds
+to write on the line); the coloured overlay QA looks at is rendered from both when it is asked for
+(`overlay_png`), never on the line's critical path.
 
 SQLite in WAL mode is the default (one file, readers never block the writer); a PostgreSQL URL works the same
 because only SQLAlchemy Core is used. The `folder_files` table lets folder mode inspect each dropped file exactly
@@ -179,30 +181,45 @@ class DecisionStore:
             _atomic_write(path, data)
         return rel
 
-    def write_heatmap(
-        self, request_id: str, heatmap: np.ndarray, image: np.ndarray | None = None, data: bytes | None = None
-    ) -> str:
-        """Write the overlay PNG of a decision recorded with `defer_heatmap=True`; returns its relative path."""
-        return self._save_heatmap(request_id, heatmap, image, data)
-
-    def _save_heatmap(self, request_id: str, heatmap: np.ndarray, image: np.ndarray | None, data: bytes | None):
-        if image is None and data:
-            try:
-                image = decode_image(data)
-            except InspectionError:
-                image = None
-        if image is None:
-            # no picture to lay it over: the heatmap alone, scaled to a visible size
-            grey = (np.clip(np.asarray(heatmap, np.float32), 0, 1) * 255).astype(np.uint8)
-            image = cv2.cvtColor(cv2.resize(grey, (224, 224), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2RGB)
-        overlay = heatmap_overlay(image, heatmap)
-        # fast compression: the PNG costs ~4x less CPU than the default level for ~5 % more bytes
-        ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    def _save_heatmap(self, request_id: str, heatmap: np.ndarray) -> str:
+        heat = np.clip(np.nan_to_num(np.asarray(heatmap, np.float32)), 0.0, 1.0)
+        if heat.ndim != 2 or heat.size == 0:
+            raise DecisionStoreError(f"heatmap of {request_id} must be a non-empty 2-D map, got shape {heat.shape}")
+        ok, buf = cv2.imencode(".png", np.round(heat * 65535.0).astype(np.uint16))
         if not ok:
-            raise DecisionStoreError(f"could not encode the heatmap overlay of {request_id}")
+            raise DecisionStoreError(f"could not encode the heatmap of {request_id}")
         rel = f"heatmaps/{request_id}.png"
         _atomic_write(self.media_dir / rel, buf.tobytes())
         return rel
+
+    def load_heatmap(self, rel: str) -> np.ndarray:
+        """The stored heatmap (h, w) as float32 in [0, 1]."""
+        heat = cv2.imread(str(self.media_path(rel)), cv2.IMREAD_UNCHANGED)
+        if heat is None or heat.ndim != 2:
+            raise DecisionStoreError(f"heatmap file {rel} is missing or not a grey map")
+        return heat.astype(np.float32) / (65535.0 if heat.dtype == np.uint16 else 255.0)
+
+    def overlay_png(self, request_id: str) -> bytes | None:
+        """PNG of the kept image with its heatmap laid over it (jet colours), or None when nothing was kept."""
+        row = self.get_row(request_id)
+        if not row or not row.get("heatmap_path"):
+            return None
+        heat = self.load_heatmap(row["heatmap_path"])
+        image = None
+        if row.get("image_path"):
+            try:
+                image = decode_image(self.media_path(row["image_path"]).read_bytes())
+            except (InspectionError, OSError):
+                image = None  # held for bad bytes: show the map alone
+        if image is None:
+            grey = (heat * 255).astype(np.uint8)
+            image = cv2.cvtColor(cv2.resize(grey, (224, 224), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2RGB)
+        overlay = heatmap_overlay(image, heat)
+        # fast compression: ~4x less CPU than the default level for ~5 % more bytes
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise DecisionStoreError(f"could not encode the heatmap overlay of {request_id}")
+        return buf.tobytes()
 
     # -- writes --------------------------------------------------------------------------------------------
 
@@ -212,8 +229,6 @@ class DecisionStore:
         image_bytes: bytes | None,
         heatmap: np.ndarray | None,
         source: str,
-        image: np.ndarray | None,
-        defer_heatmap: bool = False,
     ) -> dict[str, Any]:
         if source not in SOURCES:
             raise DecisionStoreError(f"source {source!r} is not allowed; allowed: {SOURCES}")
@@ -226,11 +241,7 @@ class DecisionStore:
             if image_bytes:
                 image_path = self._save_image(image_bytes, sha)
             if heatmap is not None:
-                heatmap_path = (
-                    f"heatmaps/{result.request_id}.png"
-                    if defer_heatmap
-                    else self._save_heatmap(result.request_id, heatmap, image, image_bytes)
-                )
+                heatmap_path = self._save_heatmap(result.request_id, heatmap)
         th = result.thresholds
         return {
             "request_id": result.request_id,
@@ -257,19 +268,14 @@ class DecisionStore:
         heatmap: np.ndarray | None,
         source: str,
         *,
-        image: np.ndarray | None = None,
         folder_identity: tuple[str, str, str] | None = None,
-        defer_heatmap: bool = False,
-    ) -> bool:
-        """Store one decision (and, for review/reject parts, the image and heatmap overlay) durably.
+    ) -> None:
+        """Store one decision (and, for review/reject parts, the image bytes and the raw heatmap) durably.
 
-        `image` (decoded uint8 RGB) saves decoding the bytes again for the overlay. `folder_identity`
-        (identity, file name, destination) marks a dropped file as decided in the same transaction.
-        `defer_heatmap=True` records the overlay's path but leaves rendering it to the caller (`write_heatmap`,
-        off the answer's critical path: it is derived data, the image bytes themselves are written here).
-        Returns True when a heatmap overlay is due. Raises DecisionStoreError if the request id was already recorded.
+        `folder_identity` (identity, file name, destination) marks a dropped file as decided in the same
+        transaction. Raises DecisionStoreError if the request id was already recorded.
         """
-        row = self._row(result, image_bytes, heatmap, source, image, defer_heatmap)
+        row = self._row(result, image_bytes, heatmap, source)
         try:
             with self._locked(), self.engine.begin() as conn:
                 conn.execute(insert(inspections), row)
@@ -288,7 +294,6 @@ class DecisionStore:
                     )
         except SAIntegrityError as exc:
             raise DecisionStoreError(f"decision {result.request_id} (or its folder file) is already recorded") from exc
-        return defer_heatmap and row["heatmap_path"] is not None
 
     def _locked(self):
         return self._write_lock if self._write_lock is not None else _NullLock()

@@ -27,6 +27,7 @@ import torch
 
 from inspection import __version__
 from inspection.config import save_config
+from inspection.drift import REFERENCE_FILE
 from inspection.errors import ConfigError, DataError, InspectionError
 from inspection.export.config import ExportConfig
 from inspection.export.parity import ParityReport, check_parity, rejudge, resolve_threshold_ties
@@ -390,8 +391,10 @@ def _int8(
 
 
 def _copy_run_artifacts(run_dir: str | Path | None, tmp: Path, card: ModelCard) -> None:
-    """metrics.json and plots/ travel with the model into the registry."""
+    """metrics.json, plots/ and the drift reference travel with the model into the registry."""
     run_dir = Path(run_dir) if run_dir else None
+    if run_dir and (run_dir / REFERENCE_FILE).is_file():
+        shutil.copy2(run_dir / REFERENCE_FILE, tmp / REFERENCE_FILE)
     if run_dir and (run_dir / "metrics.json").is_file():
         shutil.copy2(run_dir / "metrics.json", tmp / "metrics.json")
     else:

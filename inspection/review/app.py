@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
-from inspection.decisions import DecisionStore
+from inspection.decisions import DecisionStore, DecisionStoreError
 from inspection.review import queries, stats
 from inspection.review.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Auth, AuthError, Session, tokens_equal
 from inspection.review.config import ROLES, ReviewConfig
@@ -448,7 +448,15 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
     @app.get("/media/{request_id}/heatmap")
     def media_heatmap(request: Request, request_id: str) -> Response:
         require(request, redirect=False)
-        return FileResponse(media_file(request_id, "heatmap_path"), headers=media_headers)
+        media_file(request_id, "heatmap_path")  # 404 unless the row names a map inside the media folder
+        try:
+            data = store.overlay_png(request_id)  # rendered here, not on the line: QA opens few parts
+        except DecisionStoreError:
+            logger.exception("heatmap of %s cannot be rendered", request_id)
+            data = None
+        if data is None:
+            raise _NotFound()
+        return Response(data, media_type="image/png", headers=media_headers)
 
     @app.get("/media/{request_id}/thumb")
     def media_thumb(request: Request, request_id: str) -> Response:

@@ -87,7 +87,7 @@ def seed_store(
             latency_ms=float(rng.uniform(8, 30)),
         )
         heatmap = fake_heatmap(mask if defect else np.zeros_like(mask), rng)
-        store.record_inspection(result, encode_png(image), heatmap, "http", image=image)
+        store.record_inspection(result, encode_png(image), heatmap, "http")
         made.append(SeededPart(request_id, verdict.value, defect, timestamp, station, version))
     logger.info(
         "seeded %d parts (%d flagged) into %s",

@@ -1,7 +1,8 @@
 """Micro-batching: frames that arrive together go through the model as one call (the throughput lever).
 
-One worker thread owns the model calls. `submit` returns a `concurrent.futures.Future` (await it from asyncio
-with `asyncio.wrap_future`). The worker takes whatever is queued, up to `max_batch_size`; it waits up to
+`workers` threads make the model calls (the runner uses two: one batch's answers go back while the next batch
+runs). `submit` returns a `concurrent.futures.Future` (await it from asyncio with `asyncio.wrap_future`). A worker
+takes whatever is queued, up to `max_batch_size`; it waits up to
 `max_wait_ms` for more only while other requests are still being read/decoded (`incoming()`), so a single
 sequential client never pays the wait, and under load batches fill by themselves while the model is busy.
 The model is looked up once per batch: a hot swap takes effect between batches, never inside one.
@@ -50,8 +51,12 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         queue_limit: int = 256,
         metrics: RunnerMetrics | None = None,
+        workers: int = 1,
     ):
+        if workers < 1:
+            raise ValueError(f"workers: got {workers}, need at least 1")
         self._get_model = get_model
+        self.workers = workers
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_limit = queue_limit
@@ -59,7 +64,7 @@ class MicroBatcher:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._incoming = 0
         self._incoming_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._running = False
         self.batches = 0
         self.frames = 0
@@ -67,18 +72,22 @@ class MicroBatcher:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._running = True
-        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"micro-batcher-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._running = False
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for _ in self._threads:
+            self._queue.put(None)  # one stop signal per worker
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
         # whoever still waits gets an answer (held), not a hang
         while True:
             try:
@@ -168,8 +177,9 @@ class MicroBatcher:
             for it in batch:
                 it.future.set_exception(exc)
             return
-        self.batches += 1
-        self.frames += len(batch)
+        with self._incoming_lock:  # several workers may count at once
+            self.batches += 1
+            self.frames += len(batch)
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
         for it, pred in zip(batch, preds, strict=True):

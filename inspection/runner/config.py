@@ -26,6 +26,7 @@ class BatchingConfig:
     max_wait_ms: float = 2.0  # waited only while other requests are being decoded, so one client pays nothing
     queue_limit: int = 256  # beyond this the runner is overloaded: answer 503 (part held) instead of queueing
     timeout_s: float = 5.0  # an answer later than this is useless to the line: 503 + review
+    workers: int = 2  # threads calling the model: one batch is handed back while the next one runs (bench/runner.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class RunnerConfig:
     media_dir: Path | None = None  # kept images/heatmaps; default: next to the SQLite file
     providers: tuple[str, ...] = DEFAULT_PROVIDERS  # tried in order; the first that really runs is used
     threads: int | None = None  # onnxruntime intra-op threads; None: all cores
+    spinning: bool = False  # idle intra-op threads busy-wait: on a 2-core box they eat the CPU HTTP needs (bench)
     warmup_runs: int = 3  # first runs allocate and tune: keep them off the line's clock
     max_image_bytes: int = ImageLimits.max_bytes
     max_image_side: int = ImageLimits.max_side
@@ -94,6 +96,8 @@ class RunnerConfig:
             raise ConfigError(f"station {self.station!r} must be non-empty and contain no '/', '+' or '#'")
         if self.batching.max_batch_size < 1:
             raise ConfigError(f"batching.max_batch_size must be ≥ 1, got {self.batching.max_batch_size}")
+        if self.batching.workers < 1:
+            raise ConfigError(f"batching.workers must be ≥ 1, got {self.batching.workers}")
         if self.batching.max_wait_ms < 0 or self.batching.timeout_s <= 0:
             raise ConfigError("batching.max_wait_ms must be ≥ 0 and batching.timeout_s > 0")
         if self.threads is not None and self.threads < 1:

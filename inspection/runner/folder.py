@@ -149,7 +149,6 @@ class FolderWatcher:
             keep,
             pred.heatmap if pred is not None else None,
             "folder",
-            image=image,
             folder_identity=(identity, path.name, destination),
         )
         self.inspected += 1

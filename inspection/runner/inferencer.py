@@ -110,6 +110,7 @@ def load_inferencer(
     smoke_runs: int = 1,
     warmup_runs: int = 3,
     warmup_shapes: Sequence[tuple[int, int]] = (),
+    spinning: bool = False,
 ) -> Inferencer:
     """Load `version` from the registry, verify (sha256 + smoke inference) and warm it. Never returns a model
     that failed a check: raises ModelRejectedError (or the registry's IntegrityError/RegistryError)."""
@@ -125,7 +126,13 @@ def load_inferencer(
     if expected is None:
         raise ModelRejectedError(f"version {version}: {path.name} has no sha256 in its model card")
     # OnnxModel tries each preferred provider with a real session + inference and keeps the first that runs
-    model = OnnxModel(path, providers=list(providers) if providers else None, threads=threads, expected_sha256=expected)
+    model = OnnxModel(
+        path,
+        providers=list(providers) if providers else None,
+        threads=threads,
+        expected_sha256=expected,
+        allow_spinning=spinning,
+    )
     inf = Inferencer(model, mv.version, mv.card, path)
     inf.smoke_test(smoke_runs)
     warm_s = inf.warm_up(warmup_runs, warmup_shapes)

@@ -22,9 +22,8 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -97,9 +96,6 @@ class Runtime:
     folder: Any = None  # FolderWatcher when a drop folder is configured
     drift: Any = None  # DriftMonitor of the serving version (rebuilt when a swap changes the version)
     drift_version: str | None = None
-    media: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="heatmap-writer")
-    )
 
     @classmethod
     def build(cls, config: RunnerConfig) -> Runtime:
@@ -117,6 +113,7 @@ class Runtime:
             max_wait_ms=config.batching.max_wait_ms,
             queue_limit=config.batching.queue_limit,
             metrics=metrics,
+            workers=config.batching.workers,
         )
         swapper = None
         if config.registry is not None:
@@ -125,6 +122,7 @@ class Runtime:
                 config.registry,
                 providers=config.providers,
                 threads=config.threads,
+                spinning=config.spinning,
                 model_file=config.model_file,
                 smoke_runs=config.swap.smoke_runs,
                 warmup_runs=config.warmup_runs,
@@ -161,7 +159,6 @@ class Runtime:
         if self.swapper is not None:
             self.swapper.stop()
         self.batcher.stop()
-        self.media.shutdown(wait=True)  # every recorded overlay is written before the process ends
         if self.publisher is not None:
             self.publisher.stop()
         self.store.close()
@@ -399,11 +396,7 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
             )
         result = rt.decide(request_id, pid, station_id, t0, pred, None, hashlib.sha256(data).hexdigest())
         try:
-            due = await run_in_threadpool(
-                rt.store.record_inspection, result, data, pred.heatmap, "http", image=image, defer_heatmap=True
-            )
-            if due:  # the overlay is derived data: rendered after the answer, by one low-priority thread
-                rt.media.submit(rt.store.write_heatmap, request_id, pred.heatmap, image)
+            await run_in_threadpool(rt.store.record_inspection, result, data, pred.heatmap, "http")
         except Exception:
             logger.exception("decision store write failed for %s: answering 503 + review", request_id)
             rt.metrics.errors.labels("store").inc()

@@ -50,6 +50,20 @@ def threshold_for_escape_rate(scores: np.ndarray, targets: np.ndarray, target_es
     return float(defect_scores[min(k, m - 1)])
 
 
+def threshold_for_ok_rate(scores: np.ndarray, targets: np.ndarray, max_ok_rate: float) -> float:
+    """Lowest t such that the share of ok parts with score >= t is <= max_ok_rate (QA's capacity for good parts)."""
+    ok_scores = np.sort(scores[targets == 0])[::-1]  # most suspicious first
+    n = ok_scores.size
+    if n == 0:
+        raise DataError("cannot size the review band by good parts: the calibration split holds no ok parts")
+    if not 0.0 <= max_ok_rate <= 1.0:
+        raise DataError(f"review_max_ok_rate {max_ok_rate} is not allowed; allowed 0..1")
+    k = int(math.floor(max_ok_rate * n + 1e-9))  # this many good parts may be flagged
+    if k >= n:
+        return 0.0
+    return float(np.nextafter(ok_scores[k], np.inf))  # just above the (k+1)-th most suspicious good part
+
+
 def rates_at(scores: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, float]:
     """Escape rate (defects below threshold) and false-reject rate (ok parts at or above it)."""
     defect, ok = scores[targets == 1], scores[targets == 0]
@@ -67,12 +81,14 @@ def calibrate_threshold(
     target_escape_rate: float = 0.005,
     review_escape_rate: float | None = None,
     review_fraction: float | None = None,
+    review_max_ok_rate: float | None = None,
 ) -> Thresholds:
     """Thresholds for the verdict rule (reject >= reject; review in [review, reject); else pass).
 
-    `review_escape_rate`: the review threshold is calibrated like the reject threshold for this stricter
-    target (0.0 = below the least suspicious validation defect). Otherwise `review_fraction` puts it at
-    that fraction of the reject threshold. With neither, there is no review band (review == reject).
+    The review threshold, first rule that is set: `review_escape_rate` calibrates it like the reject threshold
+    for this stricter target (0.0 = below the least suspicious validation defect); `review_max_ok_rate` puts it
+    where at most this share of good validation parts is flagged (sized by QA's capacity, never above reject);
+    `review_fraction` puts it at that fraction of the reject threshold. With none, there is no review band.
     """
     scores = np.asarray(scores, dtype=np.float64)
     targets = as_targets(labels)
@@ -88,6 +104,8 @@ def calibrate_threshold(
                 "the review threshold must be stricter (lower) than the reject threshold"
             )
         review = min(reject, threshold_for_escape_rate(scores, targets, review_escape_rate))
+    elif review_max_ok_rate is not None:
+        review = min(reject, threshold_for_ok_rate(scores, targets, review_max_ok_rate))
     elif review_fraction is not None:
         if not 0.0 <= review_fraction <= 1.0:
             raise DataError(f"review_fraction {review_fraction} is not allowed; allowed 0..1")

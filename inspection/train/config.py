@@ -79,6 +79,7 @@ class TrainConfig:
     target_escape_rate: float = 0.005  # calibrated reject threshold: at most this share of defects passes on val
     review_escape_rate: float | None = 0.0  # review band: below the lower threshold at most this share of defects
     review_fraction: float | None = None  # alternative: review threshold = this fraction of the reject threshold
+    review_max_ok_rate: float | None = None  # alternative: at most this share of good val parts flagged (QA capacity)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a grad scaler
@@ -118,6 +119,16 @@ class TrainConfig:
             )
         if self.review_fraction is not None and not 0 <= self.review_fraction <= 1:
             raise ConfigError(f"review_fraction: got {self.review_fraction}, allowed 0..1")
+        if self.review_max_ok_rate is not None and not 0 <= self.review_max_ok_rate <= 1:
+            raise ConfigError(f"review_max_ok_rate: got {self.review_max_ok_rate}, allowed 0..1")
+        rules = [
+            n for n in ("review_escape_rate", "review_max_ok_rate", "review_fraction") if getattr(self, n) is not None
+        ]
+        if len(rules) > 1:
+            raise ConfigError(
+                f"review band: set one of review_escape_rate, review_max_ok_rate, review_fraction (the others to "
+                f"null; review_escape_rate defaults to 0.0); got {', '.join(rules)}"
+            )
         if self.max_per_class is not None and self.max_per_class < 1:
             raise ConfigError(f"max_per_class: got {self.max_per_class}, allowed >= 1 or null")
         if self.weights is not None and not self.pretrained:

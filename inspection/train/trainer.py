@@ -547,7 +547,12 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
 
     labels = {k: [s.label for s in v] for k, v in splits.items()}
     thresholds = calibrate_threshold(
-        scores["val"], labels["val"], config.target_escape_rate, config.review_escape_rate, config.review_fraction
+        scores["val"],
+        labels["val"],
+        config.target_escape_rate,
+        config.review_escape_rate,
+        config.review_fraction,
+        config.review_max_ok_rate,
     )
     metrics = {k: evaluate_scores(scores[k], labels[k], thresholds) for k in ("val", "test") if len(scores[k])}
     calibration = calibration_report(scores["val"], labels["val"], thresholds, config.target_escape_rate)
@@ -584,6 +589,7 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     write_run(out, net, config, card, splits, extra, epoch=state.best_epoch)
     for k in ("val", "test"):  # raw scores in samples.json order: re-plot or re-threshold without the network
         np.save(out / f"{k}_scores.npy", np.asarray(scores[k], dtype=np.float64))
+    write_run_drift_reference(out, splits["val"], scores["val"], thresholds, card.version)
     if config.plots:
         plot_dir = out / "plots"
         main_split = "test" if len(scores["test"]) else "val"
@@ -607,6 +613,26 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         images_per_second=images_per_second,
         history=state.history,
     )
+
+
+def write_run_drift_reference(out: Path, samples: Sequence[Any], scores: Any, thresholds: Any, version: str) -> None:
+    """What the line should look like for this model: image statistics and scores of the validation split,
+    from the scores just computed (no second pass); export ships it so the runner's drift monitor has it."""
+    from inspection.drift import REFERENCE_FILE, compute_reference
+    from inspection.images import read_image
+    from inspection.thresholds import verdicts_for
+
+    if len(samples) < 20:
+        logger.warning("no drift reference: %d validation images (< 20)", len(samples))
+        return
+    step = max(1, len(samples) // 1000)  # a spread-out subset: the histograms need hundreds, not thousands
+    picked = list(range(0, len(samples), step))[:1000]
+    probs = np.asarray(scores, dtype=np.float64)[picked]
+    images = (read_image(samples[i].path) for i in picked)
+    reference = compute_reference(
+        images, probs, list(verdicts_for(probs, thresholds)), source=f"{version} on its val split"
+    )
+    reference.save(out / REFERENCE_FILE)
 
 
 def _train_cached(net, config, splits, size_hw, device, pos_weight, out, generator):

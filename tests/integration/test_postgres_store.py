@@ -145,7 +145,7 @@ def test_record_and_read_back_inspections_with_images(store: DecisionStore) -> N
     png = encode_png(np.full((40, 40, 3), 120, np.uint8))
     ts = datetime(2024, 5, 6, 14, 30, 15, 123456, tzinfo=UTC)
     heatmap = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
-    assert store.record_inspection(_result("r1", Verdict.reject, ts), png, heatmap, "http") is False
+    store.record_inspection(_result("r1", Verdict.reject, ts), png, heatmap, "http")
     store.record_inspection(
         _result("p1", Verdict.pass_, ts, score=0.1),
         png,
@@ -164,7 +164,8 @@ def test_record_and_read_back_inspections_with_images(store: DecisionStore) -> N
     )
     row = store.get_row("r1")
     assert store.media_path(row["image_path"]).read_bytes() == png
-    assert store.media_path(row["heatmap_path"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.abs(store.load_heatmap(row["heatmap_path"]) - heatmap).max() < 1e-4
+    assert store.overlay_png("r1")[:8] == b"\x89PNG\r\n\x1a\n"
     assert store.get_row("p1")["image_path"] is None  # passed parts keep no image
     assert store.count() == 2
     assert store.count_by_verdict() == {"pass": 1, "review": 0, "reject": 1}

@@ -80,6 +80,36 @@ def test_review_fraction_and_report():
     assert rates_at(scores, np.array([1, 1, 1, 0, 0, 0]), 0.15)["false_reject_rate"] == pytest.approx(2 / 3)
 
 
+def test_review_band_sized_by_the_good_parts_qa_can_look_at():
+    rng = np.random.default_rng(3)
+    ok = rng.uniform(0.0, 0.3, 1000)
+    scores = np.concatenate([rng.uniform(0.5, 1.0, 200), ok])
+    targets = np.array([1] * 200 + [0] * 1000)
+    t = calibrate_threshold(scores, targets, 0.0, review_max_ok_rate=0.1)
+    flagged_ok = (ok >= t.review).mean()
+    assert flagged_ok <= 0.1 and flagged_ok >= 0.099  # as many good parts as allowed, not fewer
+    assert t.review < t.reject == pytest.approx(scores[:200].min())
+    tied = calibrate_threshold([0.9, 0.8, 0.2, 0.2, 0.2, 0.1], [1, 1, 0, 0, 0, 0], 0.0, review_max_ok_rate=0.5)
+    assert tied.review > 0.2  # three good parts tie at 0.2: flagging them would exceed half of the four
+    everything = calibrate_threshold([0.9, 0.1], [1, 0], 0.0, review_max_ok_rate=1.0)
+    assert everything.review == 0.0
+    capped = calibrate_threshold([0.3, 0.9, 0.95], [1, 0, 0], 0.0, review_max_ok_rate=0.0)
+    assert capped.review == capped.reject == pytest.approx(0.3)  # never above the reject threshold
+    with pytest.raises(DataError, match="no ok parts"):
+        calibrate_threshold([0.9, 0.8], [1, 1], 0.0, review_max_ok_rate=0.1)
+
+
+def test_review_rules_are_exclusive_in_the_config():
+    from inspection.config import load_config
+    from inspection.errors import ConfigError
+    from inspection.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="set one of review_escape_rate"):
+        load_config(TrainConfig, None, ["review_max_ok_rate=0.1"])  # review_escape_rate defaults to 0.0
+    config = load_config(TrainConfig, None, ["review_max_ok_rate=0.1", "review_escape_rate=null"])
+    assert config.review_max_ok_rate == 0.1
+
+
 def test_no_defects_in_val_is_a_clear_error():
     with pytest.raises(DataError, match="no defect parts"):
         calibrate_threshold([0.1, 0.2, 0.3], ["ok", "ok", "ok"], 0.005)

@@ -58,15 +58,18 @@ def test_reject_keeps_image_content_addressed_and_heatmap(tmp_path, jpeg):
     store = DecisionStore(tmp_path / "d.sqlite", media_dir=tmp_path / "media")
     heat = np.linspace(0, 1, 49, dtype=np.float32).reshape(7, 7)
     store.record_inspection(_result("r1", Verdict.reject, 0.9), jpeg, heat, "folder")
-    store.record_inspection(_result("r2", Verdict.review, 0.4), jpeg, heat, "http", image=decode_image(jpeg))
+    store.record_inspection(_result("r2", Verdict.review, 0.4), jpeg, heat, "http")
     row1, row2 = store.get_row("r1"), store.get_row("r2")
     assert row1["image_path"] == row2["image_path"]  # same bytes stored once
     sha = row1["image_sha256"]
     assert row1["image_path"] == f"images/{sha[:2]}/{sha}.jpg"
     assert (tmp_path / "media" / row1["image_path"]).read_bytes() == jpeg
-    overlay = decode_image((tmp_path / "media" / row2["heatmap_path"]).read_bytes())
-    assert overlay.shape == (48, 64, 3)  # overlay at the camera frame's size
     assert row2["heatmap_path"] == "heatmaps/r2.png"
+    assert np.abs(store.load_heatmap(row2["heatmap_path"]) - heat).max() < 1e-4  # the raw map, 16-bit
+    overlay = decode_image(store.overlay_png("r2"))
+    assert overlay.shape == (48, 64, 3)  # rendered on demand at the camera frame's size
+    corner_lo, corner_hi = overlay[1, 1].astype(int), overlay[-2, -2].astype(int)
+    assert corner_hi[0] > corner_lo[0] + 50  # jet colours: the hot corner is red, the cold one is not
     assert store.count_by_verdict() == {"pass": 0, "review": 1, "reject": 1}
 
 
@@ -151,13 +154,16 @@ def test_folder_identity_in_same_transaction(tmp_path):
     assert store.get_inspection("f2") is None
 
 
-def test_deferred_heatmap_path_recorded_then_written(tmp_path, jpeg):
+def test_heatmap_is_tiny_and_overlay_survives_bad_image(tmp_path, jpeg):
     store = DecisionStore(tmp_path)
     heat = np.ones((7, 7), np.float32)
-    due = store.record_inspection(_result("d1", Verdict.reject, 0.9), jpeg, heat, "http", defer_heatmap=True)
+    store.record_inspection(_result("d1", Verdict.reject, 0.9), jpeg, heat, "http")
     row = store.get_row("d1")
-    assert due and row["heatmap_path"] == "heatmaps/d1.png" and not (tmp_path / row["heatmap_path"]).exists()
-    assert (tmp_path / row["image_path"]).read_bytes() == jpeg  # the evidence itself is never deferred
-    assert store.write_heatmap("d1", heat, decode_image(jpeg)) == row["heatmap_path"]
-    assert decode_image((tmp_path / row["heatmap_path"]).read_bytes()).shape == (48, 64, 3)
-    assert not store.record_inspection(_result("d2", Verdict.pass_, 0.1), jpeg, heat, "http", defer_heatmap=True)
+    assert (tmp_path / row["heatmap_path"]).stat().st_size < 200  # the line writes a few bytes, not an overlay
+    assert (tmp_path / row["image_path"]).read_bytes() == jpeg
+    store.record_inspection(_result("d2", Verdict.review, None, "corrupt: nope"), b"garbage", heat, "http")
+    assert decode_image(store.overlay_png("d2")).shape == (224, 224, 3)  # the map alone when the bytes are bad
+    store.record_inspection(_result("d3", Verdict.pass_, 0.1), jpeg, heat, "http")
+    assert store.overlay_png("d3") is None and store.overlay_png("nope") is None
+    with pytest.raises(DecisionStoreError, match="2-D"):
+        store.record_inspection(_result("d4", Verdict.reject, 0.9), jpeg, np.ones((2, 2, 2)), "http")

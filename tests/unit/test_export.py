@@ -66,6 +66,30 @@ def test_export_is_one_checked_file_with_the_contract_io(tiny_export: Path) -> N
     assert report["shape_parity"]["passed"]
 
 
+def test_run_drift_reference_ships_with_the_export(tiny_run: Path, tmp_path: Path) -> None:
+    from inspection.drift import REFERENCE_FILE, DriftMonitor, DriftReference
+    from inspection.schemas import Thresholds
+    from inspection.train.data import make_sample
+    from inspection.train.trainer import write_run_drift_reference
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rows = json.loads((run / "samples.json").read_text())
+    samples = [make_sample(r["path"], r["sha256"], r["label"], r["split"], r["group_id"]) for r in rows["val"]]
+    scores = np.load(run / "val_scores.npy")
+    thresholds = Thresholds(**json.loads((run / "model_card.json").read_text())["thresholds"])
+    write_run_drift_reference(run, samples[:5], scores[:5], thresholds, "v")
+    assert not (run / REFERENCE_FILE).exists()  # too few images for histograms: no reference rather than noise
+    many = (samples * 3)[:30]
+    write_run_drift_reference(run, many, np.tile(scores, 3)[:30], thresholds, "v")
+    reference = DriftReference.load(run / REFERENCE_FILE)
+    assert reference.n == 30 and reference.source == "v on its val split"
+    out = tmp_path / "export"
+    export_onnx(ExportConfig(measure_latency=False), run, out)
+    assert (out / REFERENCE_FILE).read_bytes() == (run / REFERENCE_FILE).read_bytes()
+    assert DriftMonitor.for_model_dir(out).reference == reference  # the runner finds it next to the model
+
+
 def test_onnx_reproduces_pytorch_on_synthetic_frames(tiny_net, tiny_export: Path, tiny_run: Path) -> None:
     model = OnnxModel(tiny_export / MODEL_FILE, providers=["CPUExecutionProvider"], threads=2)
     thresholds = model.thresholds

@@ -145,3 +145,27 @@ def test_smoke_test_rejects_out_of_contract_outputs():
     inf = Inferencer(Nan(), "nan", fake_card("nan"), "x.onnx")
     with pytest.raises(ModelRejectedError):
         inf.smoke_test()
+
+
+def test_two_workers_run_two_batches_at_once_and_stop_cleanly():
+    holder = ModelHolder()
+    inside, release = threading.Semaphore(0), threading.Event()
+
+    class Blocking(FakeModel):
+        def predict(self, batch):
+            inside.release()
+            release.wait(5)
+            return super().predict(batch)
+
+    holder.swap(Inferencer(Blocking(), "v", fake_card("v"), "x.onnx"))
+    b = MicroBatcher(lambda: holder.current, max_batch_size=1, max_wait_ms=0, workers=2)
+    b.start()
+    futures = [b.submit(sample_frame(v)) for v in (10, 20, 30)]
+    assert inside.acquire(timeout=5) and inside.acquire(timeout=5)  # two model calls in flight together
+    assert not inside.acquire(timeout=0.2)  # the third waits for a free worker
+    release.set()
+    assert [f.result(5).score for f in futures] == pytest.approx([sample_frame(v).mean() / 255 for v in (10, 20, 30)])
+    b.stop()
+    assert b.frames == 3 and b.batches == 3 and not b._threads
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(lambda: holder.current, workers=0)
