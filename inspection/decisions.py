@@ -204,6 +204,10 @@ class DecisionStore:
         row = self.get_row(request_id)
         if not row or not row.get("heatmap_path"):
             return None
+        path = self.media_path(row["heatmap_path"])
+        stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if stored is not None and stored.ndim == 3:
+            return path.read_bytes()  # an overlay written by a runner of an earlier release: already rendered
         heat = self.load_heatmap(row["heatmap_path"])
         image = None
         if row.get("image_path"):

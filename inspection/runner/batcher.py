@@ -2,9 +2,9 @@
 
 `workers` threads make the model calls (the runner uses two: one batch's answers go back while the next batch
 runs). `submit` returns a `concurrent.futures.Future` (await it from asyncio with `asyncio.wrap_future`). A worker
-takes whatever is queued, up to `max_batch_size`; it waits up to
-`max_wait_ms` for more only while other requests are still being read/decoded (`incoming()`), so a single
-sequential client never pays the wait, and under load batches fill by themselves while the model is busy.
+takes whatever is queued, up to `max_batch_size`; it waits up to `max_wait_ms` for more only while other requests
+are still being read/decoded (`incoming()`), so a single sequential client never pays the wait, and under load
+batches fill by themselves while the model is busy.
 The model is looked up once per batch: a hot swap takes effect between batches, never inside one.
 """
 
@@ -64,6 +64,7 @@ class MicroBatcher:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._incoming = 0
         self._incoming_lock = threading.Lock()
+        self._count_lock = threading.Lock()  # several workers count batches
         self._threads: list[threading.Thread] = []
         self._running = False
         self.batches = 0
@@ -177,7 +178,7 @@ class MicroBatcher:
             for it in batch:
                 it.future.set_exception(exc)
             return
-        with self._incoming_lock:  # several workers may count at once
+        with self._count_lock:
             self.batches += 1
             self.frames += len(batch)
         if self.metrics is not None:

@@ -167,3 +167,6 @@ def test_heatmap_is_tiny_and_overlay_survives_bad_image(tmp_path, jpeg):
     assert store.overlay_png("d3") is None and store.overlay_png("nope") is None
     with pytest.raises(DecisionStoreError, match="2-D"):
         store.record_inspection(_result("d4", Verdict.reject, 0.9), jpeg, np.ones((2, 2, 2)), "http")
+    legacy = encode_jpeg(np.zeros((8, 8, 3), np.uint8))  # earlier runners stored a rendered colour overlay
+    (tmp_path / row["heatmap_path"]).write_bytes(legacy)
+    assert store.overlay_png("d1") == legacy
