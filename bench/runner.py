@@ -54,7 +54,13 @@ def serve_runner(model_path: Path, port: int, threads: int, providers: list[str]
         batching=BatchingConfig(max_batch_size=max_batch),  # the runner's defaults otherwise (workers, spinning)
     )
     rt = Runtime.build(cfg)
-    model = OnnxModel(model_path, providers=providers, threads=threads, allow_spinning=cfg.spinning)
+    model = OnnxModel(
+        model_path,
+        providers=providers,
+        threads=threads,
+        allow_spinning=cfg.spinning != "never",
+        spin_between_runs=cfg.spinning == "always",
+    )
     logger.info("runner serving %s on %s", model_path.name, model.provider)
     inf = Inferencer(model, model.card.version, model.card, model_path)
     inf.smoke_test()

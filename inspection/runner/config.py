@@ -29,6 +29,9 @@ class BatchingConfig:
     workers: int = 2  # threads calling the model: one batch is handed back while the next one runs (bench/runner.py)
 
 
+SPINNING = ("always", "within_run", "never")
+
+
 @dataclass(frozen=True)
 class AuthConfig:
     token: str | None = None  # bearer token; INSPECTION_RUNNER_TOKEN in the environment wins over the file
@@ -76,7 +79,9 @@ class RunnerConfig:
     media_dir: Path | None = None  # kept images/heatmaps; default: next to the SQLite file
     providers: tuple[str, ...] = DEFAULT_PROVIDERS  # tried in order; the first that really runs is used
     threads: int | None = None  # onnxruntime intra-op threads; None: all cores
-    spinning: bool = False  # idle intra-op threads busy-wait: on a 2-core box they eat the CPU HTTP needs (bench)
+    # onnxruntime's intra-op threads busy-wait: "always" (its default: they eat the CPU HTTP needs on a 2-core box),
+    # "within_run" (fast hand-offs inside a run, stopped when it returns), "never" (bench/runner.py, README)
+    spinning: str = "within_run"
     warmup_runs: int = 3  # first runs allocate and tune: keep them off the line's clock
     max_image_bytes: int = ImageLimits.max_bytes
     max_image_side: int = ImageLimits.max_side
@@ -96,6 +101,8 @@ class RunnerConfig:
             raise ConfigError(f"station {self.station!r} must be non-empty and contain no '/', '+' or '#'")
         if self.batching.max_batch_size < 1:
             raise ConfigError(f"batching.max_batch_size must be ≥ 1, got {self.batching.max_batch_size}")
+        if self.spinning not in SPINNING:
+            raise ConfigError(f"spinning: got {self.spinning!r}, allowed {', '.join(SPINNING)}")
         if self.batching.workers < 1:
             raise ConfigError(f"batching.workers must be ≥ 1, got {self.batching.workers}")
         if self.batching.max_wait_ms < 0 or self.batching.timeout_s <= 0:

@@ -110,7 +110,7 @@ def load_inferencer(
     smoke_runs: int = 1,
     warmup_runs: int = 3,
     warmup_shapes: Sequence[tuple[int, int]] = (),
-    spinning: bool = False,
+    spinning: str = "within_run",
 ) -> Inferencer:
     """Load `version` from the registry, verify (sha256 + smoke inference) and warm it. Never returns a model
     that failed a check: raises ModelRejectedError (or the registry's IntegrityError/RegistryError)."""
@@ -131,7 +131,8 @@ def load_inferencer(
         providers=list(providers) if providers else None,
         threads=threads,
         expected_sha256=expected,
-        allow_spinning=spinning,
+        allow_spinning=spinning != "never",
+        spin_between_runs=spinning == "always",
     )
     inf = Inferencer(model, mv.version, mv.card, path)
     inf.smoke_test(smoke_runs)

@@ -96,6 +96,12 @@ def test_spinning_can_be_disabled_without_changing_results(tiny_export: Path) ->
     entries = calm.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
     assert entries == "0"
     np.testing.assert_array_equal(spin.predict(batch)[0], calm.predict(batch)[0])
+    within = OnnxModel(tiny_export / "model.onnx", providers=CPU, threads=2, spin_between_runs=False)
+    options = within.session.get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # spinning stays on within a run
+        options.get_session_config_entry("session.intra_op.allow_spinning")
+    np.testing.assert_array_equal(spin.predict(batch)[0], within.predict(batch)[0])
 
 
 def test_select_providers_always_ends_with_cpu() -> None:

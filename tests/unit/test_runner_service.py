@@ -232,6 +232,18 @@ def test_auth_required_without_token_refuses_to_start(tmp_path):
         Runtime.build(RunnerConfig(store=str(tmp_path / "s")))
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [("spinning=sometimes", "spinning: got 'sometimes'"), ("batching.workers=0", "batching.workers must be")],
+)
+def test_bad_runner_settings_are_refused_with_the_field_named(override, match):
+    from inspection.config import load_config
+    from inspection.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunnerConfig, None, [override])
+
+
 def test_concurrent_requests_are_micro_batched_and_all_logged(tmp_path):
     app, rt = _app(tmp_path, delay_s=0.03)
     frames = [encode_jpeg(sample_frame(v)) for v in (10, 140, 250, 30)]
