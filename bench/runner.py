@@ -37,7 +37,9 @@ DEFAULT_IMAGES = Path(os.environ.get("INSPECTION_REAL_DATA", REPO.parent / "shar
 # -- servers (subprocesses) ------------------------------------------------------------------------------------
 
 
-def serve_runner(model_path: Path, port: int, threads: int, providers: list[str], max_batch: int) -> None:
+def serve_runner(
+    model_path: Path, port: int, threads: int, providers: list[str], max_batch: int, workers: int | None = None
+) -> None:
     import uvicorn
 
     from inspection.onnx_infer import OnnxModel
@@ -51,7 +53,8 @@ def serve_runner(model_path: Path, port: int, threads: int, providers: list[str]
         station="bench",
         threads=threads,
         auth=AuthConfig(required=False),
-        batching=BatchingConfig(max_batch_size=max_batch),  # the runner's defaults otherwise (workers, spinning)
+        # the runner's defaults otherwise (spinning, busy session)
+        batching=BatchingConfig(max_batch_size=max_batch, workers=workers or BatchingConfig.workers),
     )
     rt = Runtime.build(cfg)
     model = OnnxModel(
@@ -60,6 +63,7 @@ def serve_runner(model_path: Path, port: int, threads: int, providers: list[str]
         threads=threads,
         allow_spinning=cfg.spinning != "never",
         spin_between_runs=cfg.spinning == "always",
+        busy_threads=cfg.busy_threads,
     )
     logger.info("runner serving %s on %s", model_path.name, model.provider)
     inf = Inferencer(model, model.card.version, model.card, model_path)
@@ -356,10 +360,11 @@ def main() -> int:
         help="GPU box: TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
     )
     p.add_argument("--max-batch", type=int, default=16, help="runner micro-batch limit (GPU: 64)")
+    p.add_argument("--workers", type=int, default=None, help="runner model workers (default: the runner's)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.mode == "serve-runner":
-        serve_runner(args.source, args.port, args.threads, args.providers.split(","), args.max_batch)
+        serve_runner(args.source, args.port, args.threads, args.providers.split(","), args.max_batch, args.workers)
         return 0
     if args.mode == "serve-torch":
         serve_torch(args.source, args.port, args.threads)
@@ -397,6 +402,8 @@ def main() -> int:
     for name, cmd in variants:
         logger.info("measuring %s", name)
         extra = ["--providers", args.providers, "--max-batch", str(args.max_batch)] if name.startswith("runner") else []
+        if args.workers and name.startswith("runner"):
+            extra += ["--workers", str(args.workers)]
         threads = args.threads if name.startswith("runner") else args.torch_threads
         report["results"][name] = run_server(cmd, images, args.n_seq, args.duration, args.clients, threads, extra)
         logger.info("%s: %s", name, json.dumps(report["results"][name]))

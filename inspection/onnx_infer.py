@@ -181,6 +181,7 @@ class OnnxModel:
         provider_options: dict[str, dict[str, Any]] | None = None,
         allow_spinning: bool = True,
         spin_between_runs: bool = True,
+        busy_threads: int | None = None,
     ):
         self.path = Path(path)
         self.allow_spinning = allow_spinning
@@ -212,6 +213,13 @@ class OnnxModel:
                 raise ConfigError(f"{self.path} is not a loadable ONNX model: {exc}") from exc
         self.session = session
         self.provider: str = session.get_providers()[0]
+        # CPU under load: a second session, `busy_threads` threads and no spinning, so that concurrent batches run
+        # side by side on their own cores instead of fighting over one session's threads (`predict(busy=True)`)
+        self.busy_session = None
+        if busy_threads and self.provider == "CPUExecutionProvider":
+            self.busy_session = _ort().InferenceSession(
+                data, sess_options=_session_options(busy_threads, True, False), providers=["CPUExecutionProvider"]
+            )
         self._check_io()
         meta = session.get_modelmeta().custom_metadata_map
         self.metadata: dict[str, str] = dict(meta)
@@ -275,8 +283,10 @@ class OnnxModel:
     def thresholds(self) -> Thresholds | None:
         return self.card.thresholds if self.card else None
 
-    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) RGB frames, any H and W -> (defect probabilities (N,), heatmaps (N, h, w))."""
+    def predict(self, batch: np.ndarray, busy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) RGB frames, any H and W -> (defect probabilities (N,), heatmaps (N, h, w)).
+
+        `busy=True` (other batches are running or waiting) uses the busy session when there is one."""
         batch = np.asarray(batch)
         if batch.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (raw camera pixels), got {batch.dtype}")
@@ -284,7 +294,8 @@ class OnnxModel:
             batch = np.repeat(batch, 3, axis=-1)  # grey camera: replicate, as decode_image does
         if batch.ndim != 4 or batch.shape[-1] != 3 or batch.shape[0] == 0:
             raise ValueError(f"images must have shape (N, H, W, 3) with N >= 1, got {batch.shape}")
-        probs, heatmaps = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch)})
+        session = self.busy_session if busy and self.busy_session is not None else self.session
+        probs, heatmaps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch)})
         return probs.astype(np.float32, copy=False), heatmaps.astype(np.float32, copy=False)
 
     def predict_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, list]:

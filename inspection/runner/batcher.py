@@ -65,6 +65,7 @@ class MicroBatcher:
         self._incoming = 0
         self._incoming_lock = threading.Lock()
         self._count_lock = threading.Lock()  # several workers count batches
+        self._active = 0  # batches inside the model right now
         self._threads: list[threading.Thread] = []
         self._running = False
         self.batches = 0
@@ -171,13 +172,20 @@ class MicroBatcher:
             for it in batch:
                 it.future.set_exception(NoModelError("no verified model is loaded"))
             return
+        with self._count_lock:
+            busy = self._active > 0 or not self._queue.empty()  # others in flight or waiting: share the cores
+            self._active += 1
         try:
-            preds: list[Prediction] = model.predict([it.image for it in batch])
+            images = [it.image for it in batch]
+            preds: list[Prediction] = model.predict(images, busy=True) if busy else model.predict(images)
         except Exception as exc:  # any failure of the model call holds these parts; the worker keeps going
             logger.exception("inference failed for a batch of %d on model %s", len(batch), model.version)
             for it in batch:
                 it.future.set_exception(exc)
             return
+        finally:
+            with self._count_lock:
+                self._active -= 1
         with self._count_lock:
             self.batches += 1
             self.frames += len(batch)

@@ -26,7 +26,7 @@ class BatchingConfig:
     max_wait_ms: float = 2.0  # waited only while other requests are being decoded, so one client pays nothing
     queue_limit: int = 256  # beyond this the runner is overloaded: answer 503 (part held) instead of queueing
     timeout_s: float = 5.0  # an answer later than this is useless to the line: 503 + review
-    workers: int = 2  # threads calling the model: one batch is handed back while the next one runs (bench/runner.py)
+    workers: int = 3  # threads calling the model: batches overlap with the hand-back of others (bench/runner.py)
 
 
 SPINNING = ("always", "within_run", "never")
@@ -82,6 +82,7 @@ class RunnerConfig:
     # onnxruntime's intra-op threads busy-wait: "always" (its default: they eat the CPU HTTP needs on a 2-core box),
     # "within_run" (fast hand-offs inside a run, stopped when it returns), "never" (bench/runner.py, README)
     spinning: str = "within_run"
+    busy_threads: int | None = 1  # CPU: threads of a second session used while other batches run (null = off)
     warmup_runs: int = 3  # first runs allocate and tune: keep them off the line's clock
     max_image_bytes: int = ImageLimits.max_bytes
     max_image_side: int = ImageLimits.max_side
@@ -101,6 +102,8 @@ class RunnerConfig:
             raise ConfigError(f"station {self.station!r} must be non-empty and contain no '/', '+' or '#'")
         if self.batching.max_batch_size < 1:
             raise ConfigError(f"batching.max_batch_size must be ≥ 1, got {self.batching.max_batch_size}")
+        if self.busy_threads is not None and self.busy_threads < 1:
+            raise ConfigError(f"busy_threads must be ≥ 1 or null, got {self.busy_threads}")
         if self.spinning not in SPINNING:
             raise ConfigError(f"spinning: got {self.spinning!r}, allowed {', '.join(SPINNING)}")
         if self.batching.workers < 1:

@@ -47,8 +47,11 @@ class Inferencer:
         self.input_size = int(card.preprocess.get("input_size", 224))
         self.loaded_at = time.time()
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """uint8 RGB frames (H_i, W_i, 3) -> one Prediction each, in order (frames grouped by shape)."""
+    def predict(self, images: Sequence[np.ndarray], busy: bool = False) -> list[Prediction]:
+        """uint8 RGB frames (H_i, W_i, 3) -> one Prediction each, in order (frames grouped by shape).
+
+        `busy`: other batches are in flight, so a model with a busy session (CPU) uses it."""
+        busy = busy and getattr(self.model, "busy_session", None) is not None
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault(img.shape, []).append(i)
@@ -56,7 +59,8 @@ class Inferencer:
         for indices in groups.values():
             # (N, H, W, 3); a single frame is a view, no copy
             batch = images[indices[0]][None] if len(indices) == 1 else np.stack([images[i] for i in indices])
-            probs, heatmaps = self.model.predict(np.ascontiguousarray(batch, dtype=np.uint8))
+            batch = np.ascontiguousarray(batch, dtype=np.uint8)
+            probs, heatmaps = self.model.predict(batch, busy=True) if busy else self.model.predict(batch)
             probs = np.asarray(probs, dtype=np.float32).reshape(-1)
             if probs.shape[0] != len(indices) or not np.all(np.isfinite(probs)):
                 raise ModelRejectedError(
@@ -111,6 +115,7 @@ def load_inferencer(
     warmup_runs: int = 3,
     warmup_shapes: Sequence[tuple[int, int]] = (),
     spinning: str = "within_run",
+    busy_threads: int | None = None,
 ) -> Inferencer:
     """Load `version` from the registry, verify (sha256 + smoke inference) and warm it. Never returns a model
     that failed a check: raises ModelRejectedError (or the registry's IntegrityError/RegistryError)."""
@@ -133,6 +138,7 @@ def load_inferencer(
         expected_sha256=expected,
         allow_spinning=spinning != "never",
         spin_between_runs=spinning == "always",
+        busy_threads=busy_threads,
     )
     inf = Inferencer(model, mv.version, mv.card, path)
     inf.smoke_test(smoke_runs)

@@ -123,6 +123,7 @@ class Runtime:
                 providers=config.providers,
                 threads=config.threads,
                 spinning=config.spinning,
+                busy_threads=config.busy_threads,
                 model_file=config.model_file,
                 smoke_runs=config.swap.smoke_runs,
                 warmup_runs=config.warmup_runs,

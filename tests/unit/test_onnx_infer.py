@@ -102,6 +102,12 @@ def test_spinning_can_be_disabled_without_changing_results(tiny_export: Path) ->
     with pytest.raises(RuntimeError, match="does not have configuration"):  # spinning stays on within a run
         options.get_session_config_entry("session.intra_op.allow_spinning")
     np.testing.assert_array_equal(spin.predict(batch)[0], within.predict(batch)[0])
+    assert spin.busy_session is None
+    both = OnnxModel(tiny_export / "model.onnx", providers=CPU, threads=2, busy_threads=1)
+    busy_options = both.busy_session.get_session_options()
+    assert busy_options.intra_op_num_threads == 1
+    assert busy_options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_allclose(both.predict(batch, busy=True)[0], spin.predict(batch)[0], atol=1e-6)
 
 
 def test_select_providers_always_ends_with_cpu() -> None:

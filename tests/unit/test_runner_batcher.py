@@ -152,7 +152,14 @@ def test_two_workers_run_two_batches_at_once_and_stop_cleanly():
     inside, release = threading.Semaphore(0), threading.Event()
 
     class Blocking(FakeModel):
-        def predict(self, batch):
+        busy_session = object()  # like a CPU OnnxModel with a second session for loaded times
+
+        def __init__(self):
+            super().__init__()
+            self.busy_flags: list[bool] = []
+
+        def predict(self, batch, busy=False):
+            self.busy_flags.append(busy)
             inside.release()
             release.wait(5)
             return super().predict(batch)
@@ -160,12 +167,16 @@ def test_two_workers_run_two_batches_at_once_and_stop_cleanly():
     holder.swap(Inferencer(Blocking(), "v", fake_card("v"), "x.onnx"))
     b = MicroBatcher(lambda: holder.current, max_batch_size=1, max_wait_ms=0, workers=2)
     b.start()
-    futures = [b.submit(sample_frame(v)) for v in (10, 20, 30)]
-    assert inside.acquire(timeout=5) and inside.acquire(timeout=5)  # two model calls in flight together
+    futures = [b.submit(sample_frame(10))]
+    assert inside.acquire(timeout=5)  # the first batch is alone in the model
+    futures += [b.submit(sample_frame(v)) for v in (20, 30)]
+    assert inside.acquire(timeout=5)  # two model calls in flight together
     assert not inside.acquire(timeout=0.2)  # the third waits for a free worker
     release.set()
     assert [f.result(5).score for f in futures] == pytest.approx([sample_frame(v).mean() / 255 for v in (10, 20, 30)])
     b.stop()
     assert b.frames == 3 and b.batches == 3 and not b._threads
+    # the first batch ran alone (latency session), the second while the first was in the model (busy session)
+    assert holder.current.model.busy_flags[:2] == [False, True]
     with pytest.raises(ValueError, match="workers"):
         MicroBatcher(lambda: holder.current, workers=0)
