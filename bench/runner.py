@@ -45,7 +45,7 @@ def serve_runner(
     from inspection.onnx_infer import OnnxModel
     from inspection.runner import RunnerConfig, Runtime, create_app
     from inspection.runner.config import AuthConfig, BatchingConfig
-    from inspection.runner.inferencer import Inferencer
+    from inspection.runner.inferencer import Inferencer, spinning_options
 
     store = tempfile.mkdtemp(prefix="bench-runner-store-")
     cfg = RunnerConfig(
@@ -61,9 +61,8 @@ def serve_runner(
         model_path,
         providers=providers,
         threads=threads,
-        allow_spinning=cfg.spinning != "never",
-        spin_between_runs=cfg.spinning == "always",
         busy_threads=cfg.busy_threads,
+        **spinning_options(cfg.spinning),
     )
     logger.info("runner serving %s on %s", model_path.name, model.provider)
     inf = Inferencer(model, model.card.version, model.card, model_path)

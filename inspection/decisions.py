@@ -128,6 +128,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _unit_map(stored: np.ndarray | None, rel: str) -> np.ndarray:
+    """A decoded heatmap file (16-bit or 8-bit grey) as float32 in [0, 1]."""
+    if stored is None or stored.ndim != 2:
+        raise DecisionStoreError(f"heatmap file {rel} is missing or not a grey map")
+    return stored.astype(np.float32) / (65535.0 if stored.dtype == np.uint16 else 255.0)
+
+
 def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """uint8 RGB image (H, W, 3) + heatmap (h, w) in [0, 1] -> uint8 RGB overlay (H, W, 3), jet colour map."""
     h, w = image.shape[:2]
@@ -194,10 +201,7 @@ class DecisionStore:
 
     def load_heatmap(self, rel: str) -> np.ndarray:
         """The stored heatmap (h, w) as float32 in [0, 1]."""
-        heat = cv2.imread(str(self.media_path(rel)), cv2.IMREAD_UNCHANGED)
-        if heat is None or heat.ndim != 2:
-            raise DecisionStoreError(f"heatmap file {rel} is missing or not a grey map")
-        return heat.astype(np.float32) / (65535.0 if heat.dtype == np.uint16 else 255.0)
+        return _unit_map(cv2.imread(str(self.media_path(rel)), cv2.IMREAD_UNCHANGED), rel)
 
     def overlay_png(self, request_id: str) -> bytes | None:
         """PNG of the kept image with its heatmap laid over it (jet colours), or None when nothing was kept."""
@@ -208,7 +212,7 @@ class DecisionStore:
         stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if stored is not None and stored.ndim == 3:
             return path.read_bytes()  # an overlay written by a runner of an earlier release: already rendered
-        heat = self.load_heatmap(row["heatmap_path"])
+        heat = _unit_map(stored, row["heatmap_path"])
         image = None
         if row.get("image_path"):
             try:

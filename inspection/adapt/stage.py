@@ -24,13 +24,13 @@ import torch
 
 from inspection.adapt.bn_adapt import BNAdaptStats, adapt_batchnorm, source_bn_stats
 from inspection.adapt.config import AdaptConfig
-from inspection.adapt.data import list_images, list_labelled, load_valid, subsample
+from inspection.adapt.data import list_images, list_labelled, subsample
 from inspection.adapt.gap import GapResult, domain_gap, features_and_scores
+from inspection.adapt.reference import reference_from_scores
 from inspection.adapt.self_train import FitStats, fit_on, self_train
 from inspection.config import save_config
-from inspection.drift import REFERENCE_FILE, compute_reference
+from inspection.drift import REFERENCE_FILE
 from inspection.errors import ConfigError, DataError
-from inspection.thresholds import verdicts_for
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +183,7 @@ def run_adapt(
     write_run(out, net, loaded.config, card, loaded.samples, extra, epoch=int(loaded.checkpoint.get("epoch", 0)))
     save_config(config, out / "adapt_config.yaml")
     (out / "adapt.json").write_text(json.dumps(report, indent=2, default=str))
-    images, ok = load_valid([target_paths[i] for i in kept])
-    verdicts = verdicts_for(probs[ok], card.thresholds)
-    compute_reference(images, probs[ok], list(verdicts), source=f"{card.version} on {target}").save(
+    reference_from_scores([target_paths[i] for i in kept], probs, card.thresholds, f"{card.version} on {target}").save(
         out / REFERENCE_FILE
     )
     logger.info("adapted run %s written to %s in %.1f s", card.version, out, result.seconds)

@@ -1,11 +1,12 @@
 """Micro-batching: frames that arrive together go through the model as one call (the throughput lever).
 
-`workers` threads make the model calls (the runner uses two: one batch's answers go back while the next batch
-runs). `submit` returns a `concurrent.futures.Future` (await it from asyncio with `asyncio.wrap_future`). A worker
-takes whatever is queued, up to `max_batch_size`; it waits up to `max_wait_ms` for more only while other requests
-are still being read/decoded (`incoming()`), so a single sequential client never pays the wait, and under load
-batches fill by themselves while the model is busy.
-The model is looked up once per batch: a hot swap takes effect between batches, never inside one.
+`workers` threads make the model calls (the runner uses several: one batch's answers go back while others run;
+a batch that overlaps another is marked `busy`, so a CPU model runs it on its one-thread session). `submit`
+returns a `concurrent.futures.Future` (await it from asyncio with `asyncio.wrap_future`). A worker takes whatever
+is queued, up to `max_batch_size`; it waits up to `max_wait_ms` for more only while other requests are still being
+read/decoded (`incoming()`), so a single sequential client never pays the wait, and under load batches fill by
+themselves while the model is busy. The model is looked up once per batch: a hot swap takes effect between
+batches, never inside one.
 """
 
 from __future__ import annotations
@@ -173,11 +174,11 @@ class MicroBatcher:
                 it.future.set_exception(NoModelError("no verified model is loaded"))
             return
         with self._count_lock:
-            busy = self._active > 0 or not self._queue.empty()  # others in flight or waiting: share the cores
+            # another batch is in the model, or one is waiting and a free worker will start it now: share the cores
+            busy = self._active > 0 or (self.workers > 1 and not self._queue.empty())
             self._active += 1
         try:
-            images = [it.image for it in batch]
-            preds: list[Prediction] = model.predict(images, busy=True) if busy else model.predict(images)
+            preds: list[Prediction] = model.predict([it.image for it in batch], busy=busy)
         except Exception as exc:  # any failure of the model call holds these parts; the worker keeps going
             logger.exception("inference failed for a batch of %d on model %s", len(batch), model.version)
             for it in batch:

@@ -38,7 +38,7 @@ class Inferencer:
     """A loaded, verified and warm model version. Thread-compatible: one batch at a time per instance."""
 
     def __init__(self, model, version: str, card: ModelCard, model_path: Path):
-        self.model = model  # inspection.onnx_infer.OnnxModel (duck-typed: .predict, .provider)
+        self.model = model  # inspection.onnx_infer.OnnxModel (duck-typed: .predict(batch, busy), .provider)
         self.version = version
         self.card = card
         self.model_path = Path(model_path)
@@ -51,7 +51,6 @@ class Inferencer:
         """uint8 RGB frames (H_i, W_i, 3) -> one Prediction each, in order (frames grouped by shape).
 
         `busy`: other batches are in flight, so a model with a busy session (CPU) uses it."""
-        busy = busy and getattr(self.model, "busy_session", None) is not None
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault(img.shape, []).append(i)
@@ -59,8 +58,7 @@ class Inferencer:
         for indices in groups.values():
             # (N, H, W, 3); a single frame is a view, no copy
             batch = images[indices[0]][None] if len(indices) == 1 else np.stack([images[i] for i in indices])
-            batch = np.ascontiguousarray(batch, dtype=np.uint8)
-            probs, heatmaps = self.model.predict(batch, busy=True) if busy else self.model.predict(batch)
+            probs, heatmaps = self.model.predict(np.ascontiguousarray(batch, dtype=np.uint8), busy=busy)
             probs = np.asarray(probs, dtype=np.float32).reshape(-1)
             if probs.shape[0] != len(indices) or not np.all(np.isfinite(probs)):
                 raise ModelRejectedError(
@@ -105,6 +103,11 @@ class Inferencer:
         return time.perf_counter() - t0
 
 
+def spinning_options(spinning: str) -> dict[str, bool]:
+    """RunnerConfig.spinning ("always" | "within_run" | "never") as OnnxModel's keyword arguments."""
+    return {"allow_spinning": spinning != "never", "spin_between_runs": spinning == "always"}
+
+
 def load_inferencer(
     registry_root: str | Path,
     version: str,
@@ -136,9 +139,8 @@ def load_inferencer(
         providers=list(providers) if providers else None,
         threads=threads,
         expected_sha256=expected,
-        allow_spinning=spinning != "never",
-        spin_between_runs=spinning == "always",
         busy_threads=busy_threads,
+        **spinning_options(spinning),
     )
     inf = Inferencer(model, mv.version, mv.card, path)
     inf.smoke_test(smoke_runs)

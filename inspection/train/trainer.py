@@ -35,7 +35,7 @@ from inspection.config import save_config
 from inspection.errors import ConfigError
 from inspection.models import CLASS_NAMES, InspectionNet, build_net
 from inspection.models.backbone import LITE0
-from inspection.schemas import Metrics, ModelCard
+from inspection.schemas import Metrics, ModelCard, Thresholds
 from inspection.train.calibrate import calibrate_threshold, calibration_report
 from inspection.train.config import TrainConfig
 from inspection.train.data import (
@@ -615,24 +615,22 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     )
 
 
-def write_run_drift_reference(out: Path, samples: Sequence[Any], scores: Any, thresholds: Any, version: str) -> None:
-    """What the line should look like for this model: image statistics and scores of the validation split,
-    from the scores just computed (no second pass); export ships it so the runner's drift monitor has it."""
-    from inspection.drift import REFERENCE_FILE, compute_reference
-    from inspection.images import read_image
-    from inspection.thresholds import verdicts_for
+def write_run_drift_reference(
+    out: Path, samples: Sequence[Any], scores: np.ndarray, thresholds: Thresholds, version: str
+) -> None:
+    """What the line should look like for this model: image statistics and scores of (up to 1,000 of) the
+    validation images, from the scores just computed (no second pass); export ships it to the runner."""
+    from inspection.adapt.data import subsample
+    from inspection.adapt.reference import MIN_IMAGES, reference_from_scores
+    from inspection.drift import REFERENCE_FILE
 
-    if len(samples) < 20:
-        logger.warning("no drift reference: %d validation images (< 20)", len(samples))
+    if len(samples) < MIN_IMAGES:
+        logger.warning("no drift reference: %d validation images (< %d)", len(samples), MIN_IMAGES)
         return
-    step = max(1, len(samples) // 1000)  # a spread-out subset: the histograms need hundreds, not thousands
-    picked = list(range(0, len(samples), step))[:1000]
+    picked = subsample(list(range(len(samples))), 1000, seed=0)
     probs = np.asarray(scores, dtype=np.float64)[picked]
-    images = (read_image(samples[i].path) for i in picked)
-    reference = compute_reference(
-        images, probs, list(verdicts_for(probs, thresholds)), source=f"{version} on its val split"
-    )
-    reference.save(out / REFERENCE_FILE)
+    paths = [samples[i].path for i in picked]
+    reference_from_scores(paths, probs, thresholds, f"{version} on its val split").save(out / REFERENCE_FILE)
 
 
 def _train_cached(net, config, splits, size_hw, device, pos_weight, out, generator):

@@ -61,7 +61,7 @@ def test_queue_limit_and_cancelled_frames():
     gate = threading.Event()
 
     class Blocking(FakeModel):
-        def predict(self, batch):
+        def predict(self, batch, busy=False):
             gate.wait(5)
             return super().predict(batch)
 
@@ -138,7 +138,7 @@ def test_hot_swapper_swaps_refuses_broken_and_keeps_serving(tmp_path):
 
 def test_smoke_test_rejects_out_of_contract_outputs():
     class Nan(FakeModel):
-        def predict(self, batch):
+        def predict(self, batch, busy=False):
             p, h = super().predict(batch)
             return p * np.nan, h
 
@@ -152,8 +152,6 @@ def test_two_workers_run_two_batches_at_once_and_stop_cleanly():
     inside, release = threading.Semaphore(0), threading.Event()
 
     class Blocking(FakeModel):
-        busy_session = object()  # like a CPU OnnxModel with a second session for loaded times
-
         def __init__(self):
             super().__init__()
             self.busy_flags: list[bool] = []
@@ -180,3 +178,25 @@ def test_two_workers_run_two_batches_at_once_and_stop_cleanly():
     assert holder.current.model.busy_flags[:2] == [False, True]
     with pytest.raises(ValueError, match="workers"):
         MicroBatcher(lambda: holder.current, workers=0)
+
+
+def test_one_worker_never_trades_its_threads_for_the_busy_session():
+    class Recording(FakeModel):
+        def __init__(self):
+            super().__init__()
+            self.busy_flags: list[bool] = []
+
+        def predict(self, batch, busy=False):
+            self.busy_flags.append(busy)
+            return super().predict(batch)
+
+    holder = ModelHolder()
+    holder.swap(Inferencer(Recording(), "v", fake_card("v"), "x.onnx"))
+    b = MicroBatcher(lambda: holder.current, max_batch_size=1, max_wait_ms=0, workers=1)
+    b._running = True
+    futures = [b.submit(sample_frame(v)) for v in range(4)]  # a backlog, but nobody to run it alongside
+    b._running = False
+    b.start()
+    [f.result(5) for f in futures]
+    b.stop()
+    assert holder.current.model.busy_flags == [False] * 4
