@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,21 @@ class DecisionStore:
                     )
         except SAIntegrityError as exc:
             raise DecisionStoreError(f"decision {result.request_id} (or its folder file) is already recorded") from exc
+
+    def record_many(self, decisions: Sequence[tuple[InspectionResult, bytes | None, np.ndarray | None, str]]) -> None:
+        """Store several decisions (result, image bytes, heatmap, source) in one transaction: all or none.
+
+        The runner's micro-batch writes its parts together, so a batch pays for one commit instead of one each.
+        """
+        if not decisions:
+            return
+        rows = [self._row(result, data, heatmap, source) for result, data, heatmap, source in decisions]
+        try:
+            with self._locked(), self.engine.begin() as conn:
+                conn.execute(insert(inspections), rows)
+        except SAIntegrityError as exc:
+            ids = [r["request_id"] for r in rows]
+            raise DecisionStoreError(f"one of the decisions {ids} is already recorded") from exc
 
     def _locked(self):
         return self._write_lock if self._write_lock is not None else _NullLock()

@@ -1,10 +1,11 @@
 """INT8 (static QDQ, per-channel) and FP16 variants of an exported model, and the gate that decides INT8.
 
-Only the CNN's Conv/Clip/Add nodes are quantized (U8 activations, S8 per-channel weights): the uint8 input,
-the resize and normalisation before them and the CAM einsum / sigmoid after them stay float, so the score's
-last steps are exact. The ranges come from real training images of the run (INT8 drifts badly when calibrated
-on unrelated pictures), and the result is kept only when, on the validation images, its verdicts agree with
-FP32's on at least `int8_min_agreement` of them and no defect that FP32 held (review or reject) passes.
+Only the CNN's Conv/Clip/Add nodes are quantized (U8 activations, S8 per-channel weights): the uint8 input, the
+resize and normalisation before them, and the CAM head (a 1x1 Conv with one output channel) and sigmoid after them
+stay float, so the score's last steps are exact. The ranges come from real training images of the run (INT8
+drifts badly when calibrated on unrelated pictures), and the result is kept only when, on the validation images,
+its verdicts agree with FP32's on at least `int8_min_agreement` of them and no defect that FP32 held (review or
+reject) passes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,20 @@ from inspection.thresholds import verdicts_for
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_OPS = ["Conv", "Clip", "Add"]  # the backbone; the CAM head (Einsum, ReduceMean, Sigmoid) stays float
+QUANTIZED_OPS = ["Conv", "Clip", "Add"]  # the backbone; the CAM head (see head_conv_nodes) stays float
+
+
+def head_conv_nodes(model_path: str | Path) -> list[str]:
+    """Names of the Conv nodes with a single output channel: the defect head as a CAM. The backbone has none."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Conv" and len(n.input) > 1 and weights.get(n.input[1], [0])[:1] == [1]
+    ]
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=QUANTIZED_OPS,
+            nodes_to_exclude=head_conv_nodes(src),
             calibrate_method=methods[method],
             extra_options={"CalibTensorRangeSymmetric": False},
         )

@@ -7,6 +7,10 @@ is queued, up to `max_batch_size`; it waits up to `max_wait_ms` for more only wh
 read/decoded (`incoming()`), so a single sequential client never pays the wait, and under load batches fill by
 themselves while the model is busy. The model is looked up once per batch: a hot swap takes effect between
 batches, never inside one.
+
+`finish` (optional) runs in the worker right after the model call, on the frames submitted with a `context`:
+the runner decides and stores the whole batch there in one transaction (one commit per batch, no extra thread
+hop per part), and those futures resolve to what `finish` returns for them instead of the bare Prediction.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +45,7 @@ class OverloadedError(InspectionError):
 @dataclass
 class _Item:
     image: np.ndarray
+    context: Any = None  # handed to `finish` with this frame's Prediction
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -53,10 +59,12 @@ class MicroBatcher:
         queue_limit: int = 256,
         metrics: RunnerMetrics | None = None,
         workers: int = 1,
+        finish: Callable[[list[np.ndarray], list[Prediction], list[Any]], list[Any]] | None = None,
     ):
         if workers < 1:
             raise ValueError(f"workers: got {workers}, need at least 1")
         self._get_model = get_model
+        self._finish = finish
         self.workers = workers
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
@@ -117,13 +125,14 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, image: np.ndarray) -> Future:
-        """Queue one uint8 RGB frame; the future resolves to a Prediction or raises (never hangs)."""
+    def submit(self, image: np.ndarray, context: Any = None) -> Future:
+        """Queue one uint8 RGB frame; the future resolves to a Prediction (with a `context` and a `finish` hook:
+        to what `finish` returns for it) or raises (never hangs)."""
         if not self._running:
             raise NoModelError("the micro-batcher is not running")
         if self._queue.qsize() >= self.queue_limit:
             raise OverloadedError(f"{self._queue.qsize()} frames are already queued (limit {self.queue_limit})")
-        item = _Item(image)
+        item = _Item(image, context)
         self._queue.put(item)
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._queue.qsize())
@@ -192,5 +201,20 @@ class MicroBatcher:
             self.frames += len(batch)
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
-        for it, pred in zip(batch, preds, strict=True):
-            it.future.set_result(pred)
+        outcomes: list[Any] = list(preds)
+        finished = [i for i, it in enumerate(batch) if it.context is not None] if self._finish is not None else []
+        if finished:
+            try:
+                images = [batch[i].image for i in finished]
+                done = self._finish(images, [preds[i] for i in finished], [batch[i].context for i in finished])
+                for i, outcome in zip(finished, done, strict=True):
+                    outcomes[i] = outcome
+            except Exception as exc:  # the hook failed: these parts get the error (held by the caller), others go on
+                logger.exception("finishing a batch of %d failed", len(finished))
+                for i in finished:
+                    batch[i].future.set_exception(exc)
+                finished_set = set(finished)
+                batch = [it for i, it in enumerate(batch) if i not in finished_set]
+                outcomes = [o for i, o in enumerate(outcomes) if i not in finished_set]
+        for it, outcome in zip(batch, outcomes, strict=True):
+            it.future.set_result(outcome)

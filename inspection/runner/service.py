@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -72,6 +72,35 @@ class InspectError(BaseModel):
     result: InspectionResult | None
 
 
+@dataclass(frozen=True)
+class Pending:
+    """An HTTP part handed to the batcher with its frame: the worker decides and stores it right after the model.
+
+    Exactly one side owns the decision: the worker (stores the model verdict) or the request timing out (stores
+    `review`). Whoever `claim`s first; the other leaves it alone, so a part never has two decisions.
+    """
+
+    request_id: str
+    part_id: str
+    station: str
+    t0: float
+    data: bytes
+    sha256: str
+    _owner: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def claim(self) -> bool:
+        return self._owner.acquire(blocking=False)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What the batcher hands back for a Pending part: the verdict and whether it is durably stored."""
+
+    pred: Prediction
+    result: InspectionResult
+    stored: bool
+
+
 class _Held(Exception):
     """Internal: this request ends with a stored `review` decision and an error status."""
 
@@ -107,6 +136,7 @@ class Runtime:
         metrics = RunnerMetrics()
         holder = ModelHolder()
         store = DecisionStore(config.store, config.media_dir)
+        finish: list[Any] = []  # the batcher's hook is a method of the runtime built below
         batcher = MicroBatcher(
             lambda: holder.current,
             max_batch_size=config.batching.max_batch_size,
@@ -114,6 +144,7 @@ class Runtime:
             queue_limit=config.batching.queue_limit,
             metrics=metrics,
             workers=config.batching.workers,
+            finish=lambda images, preds, pending: finish[0](images, preds, pending),
         )
         swapper = None
         if config.registry is not None:
@@ -135,6 +166,7 @@ class Runtime:
 
             publisher = MqttPublisher(config.mqtt, config.station, metrics)
         rt = cls(config, store, metrics, holder, batcher, swapper, publisher)
+        finish.append(rt.finish_batch)
         if config.folder.watch is not None:
             from inspection.runner.folder import FolderWatcher
 
@@ -200,6 +232,44 @@ class Runtime:
             reason=reason,
             image_sha256=image_sha256,
         )
+
+    def finish_batch(
+        self, images: list[np.ndarray], preds: list[Prediction], pending: list[Pending]
+    ) -> list[Decided | None]:
+        """In the batcher's worker, right after the model: decide each part, store the batch in one
+        transaction, then metrics, MQTT and drift. A part whose request already timed out (and was held) is
+        skipped (None). A failed store write leaves every part of the batch unstored: each answers 503 + review."""
+        owned = [i for i, p in enumerate(pending) if p.claim()]
+        results = {
+            i: self.decide(
+                pending[i].request_id,
+                pending[i].part_id,
+                pending[i].station,
+                pending[i].t0,
+                preds[i],
+                None,
+                pending[i].sha256,
+            )
+            for i in owned
+        }
+        stored = True
+        try:
+            self.store.record_many([(results[i], pending[i].data, preds[i].heatmap, "http") for i in owned])
+        except Exception:
+            logger.exception("decision store write failed for %d parts: answering 503 + review", len(owned))
+            self.metrics.errors.labels("store").inc(len(owned))
+            stored = False
+        out: list[Decided | None] = [None] * len(pending)
+        for i in owned:
+            out[i] = Decided(preds[i], results[i], stored)
+            if not stored:
+                continue
+            try:  # the decision is stored: telemetry trouble must not turn it into an error
+                self.after_record(results[i], "http")
+                self.observe_drift(images[i], preds[i].score, results[i].verdict.value, preds[i].version)
+            except Exception:
+                logger.exception("metrics/MQTT/drift failed after storing %s", results[i].request_id)
+        return out
 
     def observe_drift(self, image: Any, score: float, verdict: str, version: str) -> None:
         """Feed the drift monitor (well under 1 ms); its reference belongs to the model version that scored."""
@@ -368,7 +438,9 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
                 if pid is None:
                     raise _Held(400, "missing_part_id", "part_id is required (query, form field or X-Part-Id)")
                 image = decode_image(data, limits)
-                future = rt.batcher.submit(image)
+                sha = hashlib.sha256(data).hexdigest()
+                pending = Pending(request_id, pid, sid or config.station, t0, data, sha)
+                future = rt.batcher.submit(image, pending)
             except _Held as exc:
                 return await held(
                     exc.status, exc.reason, exc.message, request_id, pid or "unknown", sid or config.station, t0, data
@@ -382,33 +454,33 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
                 reason = "no_model" if isinstance(exc, NoModelError) else "overloaded"
                 return await held(503, reason, str(exc), request_id, pid, sid or config.station, t0, data)
         station_id = sid or config.station
+        waiting = asyncio.wrap_future(future)
         try:
-            pred = await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-        except TimeoutError:
-            future.cancel()
-            return await held(
-                503, "timeout", f"no model verdict within {timeout} s", request_id, pid, station_id, t0, data
-            )
+            try:
+                decided: Decided | None = await asyncio.wait_for(asyncio.shield(waiting), timeout)
+            except TimeoutError:
+                if pending.claim():  # the worker has not taken this part: it is held, the worker will skip it
+                    future.cancel()
+                    return await held(
+                        503, "timeout", f"no model verdict within {timeout} s", request_id, pid, station_id, t0, data
+                    )
+                decided = await waiting  # the worker owns it and is storing its verdict right now
         except NoModelError as exc:
             return await held(503, "no_model", str(exc), request_id, pid, station_id, t0, data)
         except Exception as exc:  # the model failed on this batch: hold the part
             return await held(
                 503, "model_error", f"{type(exc).__name__}: {exc}"[:500], request_id, pid, station_id, t0, data
             )
-        result = rt.decide(request_id, pid, station_id, t0, pred, None, hashlib.sha256(data).hexdigest())
-        try:
-            await run_in_threadpool(rt.store.record_inspection, result, data, pred.heatmap, "http")
-        except Exception:
-            logger.exception("decision store write failed for %s: answering 503 + review", request_id)
-            rt.metrics.errors.labels("store").inc()
+        if decided is None:  # cannot happen: only a part claimed by a timeout is skipped, and that one returned
+            raise RuntimeError(f"request {request_id}: the worker skipped a part nobody held")
+        result = decided.result
+        if not decided.stored:
             body = InspectError(
                 detail="the decision could not be stored; the part is held",
                 reason="store_error",
                 result=result.model_copy(update={"verdict": Verdict.review, "reason": "store_error"}),
             )
             return Response(body.model_dump_json(), status_code=503, media_type="application/json")
-        rt.after_record(result, "http")
-        rt.observe_drift(image, pred.score, result.verdict.value, pred.version)
         return Response(result.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/results/{request_id}", response_model=InspectionResult, dependencies=[api_auth])

@@ -13,7 +13,7 @@ import torch
 from inspection.export import ExportConfig, export_net
 from inspection.export.onnx_export import INT8_FILE, MODEL_FILE
 from inspection.export.parity import torch_predict
-from inspection.export.quantize import int8_gate
+from inspection.export.quantize import head_conv_nodes, int8_gate
 from inspection.images import read_image
 from inspection.schemas import ModelCard, Thresholds
 
@@ -137,5 +137,14 @@ def test_quantize_accepts_a_short_last_batch(tiny_export: Path, tmp_path: Path, 
     out = quantize_int8(tiny_export / MODEL_FILE, tmp_path / "q.onnx", calib, batch_size=2, method=method)
     probs, heat = OnnxModel(out, providers=["CPUExecutionProvider"]).predict(np.stack(calib[:2]))
     assert probs.shape == (2,) and heat.ndim == 3 and np.isfinite(probs).all()
+    # the CAM head (one 1x1 Conv with one output channel) stays float: its weight is not a DequantizeLinear output
+    heads = head_conv_nodes(tiny_export / MODEL_FILE)
+    assert len(heads) == 1
+    quantized = onnx.load(str(out)).graph
+    dq_outputs = {o for n in quantized.node if n.op_type == "DequantizeLinear" for o in n.output}
+    (head,) = [n for n in quantized.node if n.name == heads[0]]
+    assert head.input[1] not in dq_outputs and any(
+        n.input[1] in dq_outputs for n in quantized.node if n.op_type == "Conv"
+    )
     with pytest.raises(ValueError, match="not allowed"):
         quantize_int8(tiny_export / MODEL_FILE, tmp_path / "r.onnx", calib, method="kmeans")

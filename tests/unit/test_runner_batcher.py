@@ -31,6 +31,37 @@ def test_queued_frames_share_one_call_up_to_max_batch():
     assert [p.score for p in preds] == pytest.approx([sample_frame(v).mean() / 255 for v in range(10)], abs=1e-5)
 
 
+def test_finish_hook_sees_only_frames_with_a_context_and_its_failure_stays_with_them():
+    holder = ModelHolder()
+    holder.swap(fake_inferencer())
+    calls: list[list[str]] = []
+    fail = {"on": False}
+
+    def finish(images, preds, contexts):
+        calls.append(list(contexts))
+        if fail["on"]:
+            raise OSError("store down")
+        return [(ctx, p.score) for ctx, p in zip(contexts, preds, strict=True)]
+
+    b = MicroBatcher(lambda: holder.current, max_batch_size=8, max_wait_ms=0, finish=finish)
+    b._running = True  # queue before the worker runs: one batch of three
+    plain, a, c = b.submit(sample_frame(10)), b.submit(sample_frame(20), "a"), b.submit(sample_frame(30), "c")
+    b._running = False
+    b.start()
+    assert plain.result(5).score == pytest.approx(
+        sample_frame(10).mean() / 255, abs=1e-5
+    )  # no context: the bare Prediction
+    assert a.result(5) == ("a", pytest.approx(sample_frame(20).mean() / 255, abs=1e-5)) and c.result(5)[0] == "c"
+    assert calls == [["a", "c"]]  # one call per batch
+    fail["on"] = True
+    with pytest.raises(OSError, match="store down"):
+        b.submit(sample_frame(40), "d").result(5)
+    assert b.submit(sample_frame(50)).result(5).score == pytest.approx(
+        sample_frame(50).mean() / 255, abs=1e-5
+    )  # the worker goes on
+    b.stop()
+
+
 def test_frames_of_different_shapes_in_one_batch():
     inf = fake_inferencer()
     frames = [sample_frame(10, 64, 64), sample_frame(200, 80, 40), sample_frame(30, 64, 64)]

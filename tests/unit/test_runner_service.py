@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 from dataclasses import replace
 
 import cv2
@@ -197,6 +198,52 @@ def test_model_error_and_timeout_are_503_review(tmp_path):
         assert rt.store.get_inspection(r.json()["result"]["request_id"]).verdict == "review"
 
 
+def test_timed_out_part_is_held_once_and_its_late_verdict_is_not_stored(tmp_path):
+    cfg = _config(tmp_path, batching=BatchingConfig(timeout_s=0.2))
+    app, rt = _app(tmp_path, config=cfg, delay_s=0.6)
+    with TestClient(app) as c:
+        r = _post(c, encode_jpeg(sample_frame(250)))
+        assert r.status_code == 503 and r.json()["reason"] == "timeout"
+        time.sleep(0.8)  # the model answers late: the worker must leave the held decision alone
+        assert rt.store.count() == 1
+        assert rt.store.get_inspection(r.json()["result"]["request_id"]).verdict == "review"
+        assert 'inspection_runner_errors_total{kind="store"}' not in c.get("/metrics", headers=AUTH).text
+
+
+def test_verdict_being_stored_when_the_timeout_fires_is_answered_not_held(tmp_path):
+    """The model was in time but the store write straddles the timeout: the worker owns the part, so the answer
+    is its stored verdict (a second, `review` decision for the same part would contradict it)."""
+    cfg = _config(tmp_path, batching=BatchingConfig(timeout_s=0.2))
+    app, rt = _app(tmp_path, config=cfg)
+    record_many = rt.store.record_many
+
+    def slow(decisions):
+        time.sleep(0.5)
+        record_many(decisions)
+
+    rt.store.record_many = slow
+    with TestClient(app) as c:
+        r = _post(c, encode_jpeg(sample_frame(250)))
+        assert r.status_code == 200 and r.json()["verdict"] == "reject"
+        assert rt.store.count() == 1 and rt.store.get_inspection(r.json()["request_id"]).verdict == "reject"
+
+
+def test_store_failure_answers_503_review_and_the_part_is_held(tmp_path):
+    app, rt = _app(tmp_path)
+
+    def broken(decisions):
+        raise OSError("disk full")
+
+    rt.store.record_many = broken
+    with TestClient(app) as c:
+        r = _post(c, encode_jpeg(sample_frame(10)))  # a clear pass for the model
+        assert r.status_code == 503
+        body = r.json()
+        assert body["reason"] == "store_error" and body["result"]["verdict"] == "review"
+        assert rt.store.count() == 0
+        assert 'inspection_runner_errors_total{kind="store"} 1.0' in c.get("/metrics", headers=AUTH).text
+
+
 def test_auth(tmp_path, monkeypatch):
     body = encode_jpeg(sample_frame(10))
     cfg = _config(tmp_path, auth=AuthConfig(token=TOKEN, metrics=True, health=True))
@@ -247,6 +294,14 @@ def test_bad_runner_settings_are_refused_with_the_field_named(override, match):
 def test_concurrent_requests_are_micro_batched_and_all_logged(tmp_path):
     app, rt = _app(tmp_path, delay_s=0.03)
     frames = [encode_jpeg(sample_frame(v)) for v in (10, 140, 250, 30)]
+    writes: list[int] = []
+    record_many = rt.store.record_many
+
+    def counted(decisions):
+        writes.append(len(decisions))
+        record_many(decisions)
+
+    rt.store.record_many = counted
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
 
         def one(i: int) -> dict:
@@ -264,6 +319,8 @@ def test_concurrent_requests_are_micro_batched_and_all_logged(tmp_path):
     model = rt.holder.current.model
     assert sum(model.batch_sizes) == 64
     assert max(model.batch_sizes) > 1  # requests that arrived together shared a model call
+    # each batch was stored in one transaction, by the worker, before its answers went out
+    assert sorted(writes) == sorted(model.batch_sizes)
     assert len({a["request_id"] for a in answers}) == 64
     for a in answers:
         assert rt.store.get_inspection(a["request_id"]).verdict == a["verdict"]
