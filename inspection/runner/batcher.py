@@ -64,7 +64,7 @@ class MicroBatcher:
         if workers < 1:
             raise ValueError(f"workers: got {workers}, need at least 1")
         self._get_model = get_model
-        self._finish = finish
+        self.finish = finish  # may be set after construction, before start()
         self.workers = workers
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
@@ -202,11 +202,11 @@ class MicroBatcher:
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
         outcomes: list[Any] = list(preds)
-        finished = [i for i, it in enumerate(batch) if it.context is not None] if self._finish is not None else []
+        finished = [i for i, it in enumerate(batch) if it.context is not None] if self.finish is not None else []
         if finished:
             try:
                 images = [batch[i].image for i in finished]
-                done = self._finish(images, [preds[i] for i in finished], [batch[i].context for i in finished])
+                done = self.finish(images, [preds[i] for i in finished], [batch[i].context for i in finished])
                 for i, outcome in zip(finished, done, strict=True):
                     outcomes[i] = outcome
             except Exception as exc:  # the hook failed: these parts get the error (held by the caller), others go on

@@ -5,7 +5,9 @@ Rules the code keeps, in order of importance:
    stored `review` decision (the part is held); model error, no model, overload or timeout -> 503 AND a stored
    `review` decision.
 2. Every decision is in the decision store before its answer is sent (if the store write fails, the answer is
-   503 + `review`, since an unlogged verdict must not move a part).
+   503 + `review`, since an unlogged verdict must not move a part). Model verdicts are decided and stored by the
+   batcher's worker right after the model call, a whole micro-batch per transaction (`Runtime.finish_batch`);
+   held parts are stored by the request handler. A `Pending` part is claimed by exactly one of the two.
 3. The model is swapped only between micro-batches (see hotswap.py / batcher.py).
 
 Authentication: unauthenticated requests are refused before anything is stored (they must not be able to fill
@@ -136,7 +138,6 @@ class Runtime:
         metrics = RunnerMetrics()
         holder = ModelHolder()
         store = DecisionStore(config.store, config.media_dir)
-        finish: list[Any] = []  # the batcher's hook is a method of the runtime built below
         batcher = MicroBatcher(
             lambda: holder.current,
             max_batch_size=config.batching.max_batch_size,
@@ -144,7 +145,6 @@ class Runtime:
             queue_limit=config.batching.queue_limit,
             metrics=metrics,
             workers=config.batching.workers,
-            finish=lambda images, preds, pending: finish[0](images, preds, pending),
         )
         swapper = None
         if config.registry is not None:
@@ -166,7 +166,7 @@ class Runtime:
 
             publisher = MqttPublisher(config.mqtt, config.station, metrics)
         rt = cls(config, store, metrics, holder, batcher, swapper, publisher)
-        finish.append(rt.finish_batch)
+        batcher.finish = rt.finish_batch  # decide and store each batch in the worker, one transaction
         if config.folder.watch is not None:
             from inspection.runner.folder import FolderWatcher
 
