@@ -1,11 +1,14 @@
 """Benchmark of domain adaptation on shifted real images (prints JSON).
 
 Held-out = the test split of the source run (group-aware split from ingest), cut by near-duplicate group into
-an adaptation half A (unlabelled; 10 labelled images drawn from it) and an evaluation half B. Each shift (night
-shift: darker + noise; worse lens: blur + contrast loss; new lamp: gamma) is applied to both halves at 3 strengths.
+an adaptation half A (unlabelled; 10 labelled images drawn from it, one per part) and an evaluation half B. Each
+shift (night shift: darker + noise; worse lens: blur + contrast loss; new lamp: gamma) is applied to both halves at 3
+strengths.
 For each: accuracy and defect recall on B of the source model, of the BN-adapted model (no labels; modes align
 and adabn), of the aligned model after a short self-training pass on its confident pseudo-labels (no labels), and of
-the aligned model fine-tuned on 10 labelled target images; the domain-gap score before/after.
+the aligned model fine-tuned on 10 labelled target images; the domain-gap score before/after and whether it warns
+(warning level calibrated on halves of the training images split by part). The gap is also given between two random
+halves of the held-out photos, between the group-disjoint halves A and B, and between training and held-out photos.
 
     nice .venv/bin/python bench/adapt.py --run RUN_DIR --out bench_out/adapt.json [--max-images 600]
 """
@@ -72,6 +75,25 @@ def split_by_group(samples: list, seed: int) -> tuple[list, list]:
     return [s for s in samples if s.group_id in a], [s for s in samples if s.group_id not in a]
 
 
+def labelled_parts(samples: list, y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of `n` photos to label, half defect and half good, one photo per part (near-duplicate group) as long
+    as there are parts left: QA labels 10 parts, not 10 photos of the 1 part that dominates a folder."""
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for label, k in ((1, n // 2), (0, n - n // 2)):
+        by_part: dict[str, list[int]] = {}
+        for i in np.flatnonzero(y == label):
+            by_part.setdefault(str(samples[i].group_id), []).append(int(i))
+        pools = [rng.permutation(by_part[g]).tolist() for g in rng.permutation(sorted(by_part))]
+        picked: list[int] = []
+        while len(picked) < k and any(pools):
+            for pool in pools:  # round robin over parts: a second photo of a part only when every part gave one
+                if pool and len(picked) < k:
+                    picked.append(pool.pop())
+        chosen += picked
+    return np.array(chosen)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="source run directory trained on the real images")
@@ -100,15 +122,10 @@ def main() -> int:
     img_b, _ = load_valid([s.path for s in half_b])
     y_a = np.array([1 if s.label == "defect" else 0 for s in half_a])
     y_b = np.array([1 if s.label == "defect" else 0 for s in half_b])
-    rng = np.random.default_rng(args.seed)
-    k = args.labelled // 2
-    labelled_idx = np.concatenate(
-        [
-            rng.choice(np.flatnonzero(y_a == 1), k, replace=False),
-            rng.choice(np.flatnonzero(y_a == 0), args.labelled - k, replace=False),
-        ]
-    )
-    source_paths = subsample([s.path for s in run.samples["train"]], args.source_images, args.seed)
+    labelled_idx = labelled_parts(half_a, y_a, args.labelled, args.seed)
+    source_samples = subsample(run.samples["train"], args.source_images, args.seed)
+    source_paths = [s.path for s in source_samples]
+    groups = [str(s.group_id) for s in source_samples]  # the gap's noise floor halves the source by part
     logger.info("held-out A %d / B %d images; %d source images", len(img_a), len(img_b), len(source_paths))
 
     gap_config = GapConfig()
@@ -118,8 +135,14 @@ def main() -> int:
     _, p_clean, _ = features_and_scores(net, img_b)
     clean = metrics(p_clean, y_b, reject)
     fb_clean, _, _ = features_and_scores(net, img_b)
-    same = domain_gap(fa_clean, fb_clean, gap_config)  # two random (group-disjoint) halves of the same domain
-    same_src = domain_gap(fs, fa_clean, gap_config)  # training images vs held-out images
+    # two random halves of the held-out photos (the issue's check), and the two group-disjoint halves A / B
+    f_all = np.concatenate([fa_clean, fb_clean])
+    g_all = [str(s.group_id) for s in (*half_a, *half_b)]
+    perm = np.random.default_rng(args.seed).permutation(len(f_all))
+    h1, h2 = perm[: len(perm) // 2], perm[len(perm) // 2 :]
+    same_random = domain_gap(f_all[h1], f_all[h2], gap_config, [g_all[i] for i in h1])
+    same = domain_gap(fa_clean, fb_clean, gap_config, [str(s.group_id) for s in half_a])
+    same_src = domain_gap(fs, fa_clean, gap_config, groups)  # training images vs held-out images
     report: dict = {
         "run": str(args.run),
         "model": run.card.version,
@@ -129,6 +152,7 @@ def main() -> int:
         "n_eval": len(img_b),
         "n_labelled": int(args.labelled),
         "clean": clean,
+        "gap_random_halves": same_random.to_dict(),
         "gap_same_domain_halves": same.to_dict(),
         "gap_train_vs_heldout": same_src.to_dict(),
         "shifts": {},
@@ -144,10 +168,12 @@ def main() -> int:
             tb = [fn(im, s, rb) for im in img_b]
             ft_a, _, _ = features_and_scores(net, ta)
             _, p_src, _ = features_and_scores(net, tb)
+            gap = domain_gap(fs, ft_a, gap_config, groups)
             row = {
                 "strength": s,
                 "source": metrics(p_src, y_b, reject),
-                "gap_before": domain_gap(fs, ft_a, gap_config).score,
+                "gap_before": gap.score,
+                "gap_warning": gap.warning,
             }
             for mode in ("align", "adabn"):
                 adapted = copy.deepcopy(net)
@@ -155,7 +181,7 @@ def main() -> int:
                 fa_ad, _, _ = features_and_scores(adapted, ta)
                 _, p_ad, _ = features_and_scores(adapted, tb)
                 row[f"bn_{mode}"] = metrics(p_ad, y_b, reject)
-                row[f"gap_after_{mode}"] = domain_gap(fs, fa_ad, gap_config).score
+                row[f"gap_after_{mode}"] = domain_gap(fs, fa_ad, gap_config, groups).score
                 if mode == "align":
                     # label-free too: a short self-training pass on confident, class-balanced pseudo-labels
                     st = copy.deepcopy(adapted)
@@ -201,8 +227,13 @@ def main() -> int:
         "median_recovered_align_self_train": float(np.median(recov_st)) if recov_st else None,
         "shifts_with_half_recovered_align_self_train": f"{sum(r >= 0.5 for r in recov_st)}/{len(recov_st)}",
         "gap_monotonic_all": all(v["gap_monotonic"] for v in report["shifts"].values()),
-        "gap_halves": same.score,
-        "gap_halves_warn_level": same.warn_level,
+        "gap_random_halves": same_random.score,
+        "gap_random_halves_warning": same_random.warning,
+        "gap_group_halves": same.score,
+        "gap_group_halves_warning": same.warning,
+        "gap_train_vs_heldout": same_src.score,
+        "gap_train_vs_heldout_warning": same_src.warning,
+        "gap_warn_level": same_src.warn_level,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     text = json.dumps(report, indent=2)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from inspection.errors import DataError, ImageValidationError
 from inspection.images import read_image
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,8 @@ def list_labelled(folder: Path) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-def subsample(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
-    """At most `n` of `paths`, chosen at random but reproducibly, in their original order."""
+def subsample(paths: Sequence[T], n: int, seed: int) -> list[T]:
+    """At most `n` of `paths` (or any items), chosen at random but reproducibly, in their original order."""
     if len(paths) <= n:
         return list(paths)
     idx = np.sort(np.random.default_rng(seed).choice(len(paths), size=n, replace=False))

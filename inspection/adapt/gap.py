@@ -79,7 +79,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, pca_dim: int = 32, shrinkage:
 @dataclass(frozen=True)
 class GapResult:
     score: float  # normalised Fréchet distance source -> target (mean over random equal-size subsamples)
-    noise_floor: float  # 95th percentile of the score between random halves of the source (same sample size)
+    noise_floor: float  # 95th percentile of the score between halves of the source (same sample size)
     noise_mean: float
     warn_level: float  # max(warn_factor * noise_floor, min_warn_level)
     warning: bool  # score > warn_level: transfer is unreliable
@@ -88,13 +88,39 @@ class GapResult:
     sample_size: int  # images per side in each comparison
     dims: int  # principal directions used
     message: str
+    halves: str = "random"  # how the source was halved for the noise floor: "parts" (whole groups) or "random"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def domain_gap(source: np.ndarray, target: np.ndarray, config: GapConfig = GapConfig()) -> GapResult:
-    """Gap score between source features (n, C) and target features (m, C), with its calibrated warning level."""
+def _halves(n: int, groups: Sequence[str] | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of range(n): whole groups on each side when groups are given, else a random split."""
+    if groups is None:
+        perm = rng.permutation(n)
+        return perm[: n // 2], perm[n // 2 :]
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(str(g), []).append(i)
+    first: list[int] = []
+    second: list[int] = []
+    for g in rng.permutation(sorted(members)):  # random order of parts; fill the first half to n/2 images
+        (first if len(first) < n // 2 else second).extend(members[g])
+    return np.array(first), np.array(second)
+
+
+def domain_gap(
+    source: np.ndarray,
+    target: np.ndarray,
+    config: GapConfig = GapConfig(),
+    source_groups: Sequence[str] | None = None,
+) -> GapResult:
+    """Gap score between source features (n, C) and target features (m, C), with its calibrated warning level.
+
+    The warning level is a multiple of the score between two halves of the source. With `source_groups` (the
+    near-duplicate group of each source image, i.e. the physical part) the halves hold different parts, as a
+    new batch from the same line would; random halves share parts (each is photographed many times) and
+    understate how much two sets of the same domain differ, so new parts of the same line would warn."""
     source = np.asarray(source, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
@@ -104,8 +130,16 @@ def domain_gap(source: np.ndarray, target: np.ndarray, config: GapConfig = GapCo
             f"too few images for a gap score: {len(source)} source, {len(target)} target; allowed >= 8 and >= 4"
         )
     rng = np.random.default_rng(config.seed)
-    # equal sizes on both sides, no larger than half the source, so the half-split calibration is like for like
-    m = min(len(target), len(source) // 2, config.max_images)
+    if source_groups is not None:
+        if len(source_groups) != len(source):
+            raise DataError(f"source_groups: got {len(source_groups)} for {len(source)} source images")
+        if len(set(source_groups)) < 4:
+            source_groups = None  # too few parts to halve by part: random halves, and the result says so
+    splits = [_halves(len(source), source_groups, rng) for _ in range(config.calibration_splits)]
+    # equal sizes on both sides, no larger than the smallest half, so the half-split calibration is like for like
+    m = min(len(target), config.max_images, *(min(len(a), len(b)) for a, b in splits))
+    if m < 4:
+        raise DataError(f"too few images per half for a gap score: {m}; need >= 4 (more source images or parts)")
     scale = float(source.var(axis=0).sum()) or 1.0  # source total variance: makes the score unit-free
     k = min(config.pca_dim, m - 1)
 
@@ -113,18 +147,19 @@ def domain_gap(source: np.ndarray, target: np.ndarray, config: GapConfig = GapCo
         return frechet_distance(a, b, pca_dim=k, shrinkage=config.shrinkage) / scale
 
     gaps, null = [], []
-    for _ in range(config.calibration_splits):
-        perm = rng.permutation(len(source))
-        null.append(score(source[perm[:m]], source[perm[m : 2 * m]]))
-        gaps.append(score(source[perm[:m]], target[rng.choice(len(target), size=m, replace=False)]))
+    for a, b in splits:
+        a, b = rng.choice(a, size=m, replace=False), rng.choice(b, size=m, replace=False)
+        null.append(score(source[a], source[b]))
+        gaps.append(score(source[a], target[rng.choice(len(target), size=m, replace=False)]))
     noise_floor = float(np.quantile(null, 0.95))
     warn_level = max(config.warn_factor * noise_floor, config.min_warn_level)
     value = float(np.mean(gaps))
     warning = value > warn_level
+    halves = "parts" if source_groups is not None else "random"
     if warning:
         message = (
             f"domain gap {value:.3f} is above the warning level {warn_level:.3f} "
-            f"({config.warn_factor:g} x the source's own half-split noise {noise_floor:.3f}): "
+            f"({config.warn_factor:g} x the source's own half-split noise {noise_floor:.3f}, {halves} halves): "
             "transfer of the source model is unreliable; adapt and check on labelled target images"
         )
     elif value > noise_floor:
@@ -142,6 +177,7 @@ def domain_gap(source: np.ndarray, target: np.ndarray, config: GapConfig = GapCo
         sample_size=m,
         dims=k,
         message=message,
+        halves=halves,
     )
 
 
@@ -152,9 +188,11 @@ def image_gap(
     config: GapConfig = GapConfig(),
     target_net: nn.Module | None = None,
     batch_size: int = 32,
+    source_groups: Sequence[str] | None = None,
 ) -> GapResult:
     """Gap between image sets; `target_net` (e.g. the adapted copy) computes the target features if given,
-    so the score says how far the features the head receives on target lie from what it was trained on."""
+    so the score says how far the features the head receives on target lie from what it was trained on.
+    `source_groups` (the part of each source image) makes the warning level come from halves by part."""
     fs, _, _ = features_and_scores(net, source, batch_size)
     ft, _, _ = features_and_scores(target_net or net, target, batch_size)
-    return domain_gap(fs, ft, config)
+    return domain_gap(fs, ft, config, source_groups)

@@ -89,8 +89,10 @@ def run_adapt(
     source_net = loaded.net.eval()
     target_paths = subsample(list_images(target), config.max_target_images, config.seed)
     labelled_paths, labelled_targets = list_labelled(Path(labelled)) if labelled is not None else ([], [])
-    source_all = [s.path for split in ("train", "val") for s in loaded.samples.get(split, []) if Path(s.path).is_file()]
-    source_paths = subsample(source_all, config.max_source_images, config.seed)
+    source_all = [s for split in ("train", "val") for s in loaded.samples.get(split, []) if Path(s.path).is_file()]
+    source_samples = subsample(source_all, config.max_source_images, config.seed)
+    source_paths = [s.path for s in source_samples]
+    source_groups = [str(s.group_id) for s in source_samples]  # the gap's noise floor halves the source by part
     if config.bn_mode == "align" and len(source_paths) < 8:
         raise DataError(
             f"bn_mode=align needs the source images of {run_dir}/samples.json, but {len(source_paths)} of them exist "
@@ -109,7 +111,7 @@ def run_adapt(
     if len(source_paths) >= 8:
         fs, _, _ = features_and_scores(source_net, source_paths, config.batch_size)
         ft, _, _ = features_and_scores(source_net, target_paths, config.batch_size)
-        gap_before = domain_gap(fs, ft, config.gap)
+        gap_before = domain_gap(fs, ft, config.gap, source_groups)
         (logger.warning if gap_before.warning else logger.info)("before adaptation: %s", gap_before.message)
 
     net = copy.deepcopy(source_net)
@@ -140,7 +142,7 @@ def run_adapt(
         )
 
     ft_after, probs, kept = features_and_scores(net, target_paths, config.batch_size)
-    gap_after = domain_gap(fs, ft_after, config.gap) if fs is not None else None
+    gap_after = domain_gap(fs, ft_after, config.gap, source_groups) if fs is not None else None
     if gap_after is not None:
         (logger.warning if gap_after.warning else logger.info)("after adaptation: %s", gap_after.message)
 

@@ -120,6 +120,11 @@ def test_cli_adapt_and_gap_print_json(tiny_run, night_dir, synth_dir, tmp_path, 
     assert main(["gap", str(synth_dir), str(night_dir), "calibration_splits=3", "--run", str(tiny_run)]) == 0
     gap = json.loads(capsys.readouterr().out)
     assert {"score", "noise_floor", "warn_level", "warning", "message"} <= set(gap)
+    assert gap["halves"] == "random"  # loose photos: nothing says which show the same part
+    assert main(["gap", str(tiny_run), str(night_dir), "calibration_splits=3"]) == 0  # the run's own photos
+    by_part = json.loads(capsys.readouterr().out)
+    assert by_part["halves"] == "parts" and by_part["features"] == str(tiny_run)
+    assert by_part["score"] > 0 and by_part["warn_level"] > 0
     assert main(["adapt", str(tiny_run), "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
     assert "image folder not found" in capsys.readouterr().err
 

@@ -67,3 +67,27 @@ def test_gap_refuses_too_few_or_mismatched_features():
         domain_gap(rng.normal(size=(5, 4)), rng.normal(size=(5, 4)))
     with pytest.raises(DataError, match="same C"):
         domain_gap(rng.normal(size=(50, 4)), rng.normal(size=(50, 3)))
+
+
+def test_noise_floor_from_halves_by_part_when_each_part_is_photographed_many_times():
+    """A source of 12 parts x 20 photos each: a new batch of 12 *other* parts of the same domain must not warn.
+    Random halves share every part and understate the spread (it warns); halves by part do not."""
+    rng = np.random.default_rng(0)
+    dims = 16
+
+    def photos(centres: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        feats = np.concatenate([c + 0.1 * rng.normal(size=(20, dims)) for c in centres])
+        return feats, [f"part-{i}" for i in range(len(centres)) for _ in range(20)]
+
+    source, groups = photos(rng.normal(size=(12, dims)))
+    new_parts, _ = photos(rng.normal(size=(12, dims)))  # same domain: part centres from the same distribution
+    shifted, _ = photos(rng.normal(size=(12, dims)) + 2.5)
+    config = GapConfig(calibration_splits=8, pca_dim=8)
+    by_photo = domain_gap(source, new_parts, config)
+    by_part = domain_gap(source, new_parts, config, source_groups=groups)
+    assert by_photo.halves == "random" and by_part.halves == "parts"
+    assert by_part.noise_floor > 2 * by_photo.noise_floor
+    assert by_photo.warning and not by_part.warning
+    assert domain_gap(source, shifted, config, source_groups=groups).warning  # a real shift still warns
+    with pytest.raises(DataError, match="source_groups"):
+        domain_gap(source, new_parts, config, source_groups=groups[:-1])
