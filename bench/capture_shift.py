@@ -4,6 +4,8 @@ The held-out photos are split at random (not by part: a batch from the line shar
 unlabelled adaptation half and an evaluation half. The run's BN statistics are aligned to the source on the first
 half (the `adapt` stage's default mode), and the second half is scored before and after, per group of interest:
 the part given by --group, the other good parts, the defects and all, at 0.5 and at the run's reject threshold.
+For comparison, test-time augmentation without adaptation: the mean score over the 8 rotations by 90 degrees and
+flips of each photo, on the whole held-out split.
 
     nice .venv/bin/python bench/capture_shift.py --run bench_out/train_modes/partial --group g00b282377b94dfe1
 """
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from inspection.adapt.bn_adapt import adapt_batchnorm, source_bn_stats  # noqa: E402
 from inspection.adapt.data import subsample  # noqa: E402
 from inspection.adapt.gap import features_and_scores  # noqa: E402
+from inspection.images import read_image  # noqa: E402
 from inspection.train.run_dir import load_run  # noqa: E402
 
 
@@ -77,6 +80,23 @@ def main() -> int:
             "acc_0.5": {"before": acc(before, 0.5), "after_align": acc(after, 0.5)},
             "acc_reject_threshold": {"before": acc(before, reject), "after_align": acc(after, reject)},
         }
+    images = [read_image(p) for p in paths]
+    dihedral = [
+        features_and_scores(net, [np.ascontiguousarray(np.rot90(im[:, ::-1] if flip else im, k)) for im in images])[1]
+        for k in range(4)
+        for flip in (False, True)
+    ]
+    tta = np.mean(dihedral, axis=0)
+    report["tta8_whole_split"] = {
+        name: {
+            "n": int(mask.sum()),
+            "acc_0.5": {
+                "single_view": round(float(((before[mask] >= 0.5) == y[mask]).mean()), 4),
+                "tta8": round(float(((tta[mask] >= 0.5) == y[mask]).mean()), 4),
+            },
+        }
+        for name, mask in subsets.items()
+    }
     print(json.dumps(report, indent=2))
     return 0
 
