@@ -132,9 +132,8 @@ def main() -> int:
     fs, _, _ = features_and_scores(net, source_paths)
     src_stats = source_bn_stats(net, source_paths)
     fa_clean, _, _ = features_and_scores(net, img_a)
-    _, p_clean, _ = features_and_scores(net, img_b)
+    fb_clean, p_clean, _ = features_and_scores(net, img_b)
     clean = metrics(p_clean, y_b, reject)
-    fb_clean, _, _ = features_and_scores(net, img_b)
     # two random halves of the held-out photos (the check), and the two group-disjoint halves A / B
     f_all = np.concatenate([fa_clean, fb_clean])
     g_all = [str(s.group_id) for s in (*half_a, *half_b)]

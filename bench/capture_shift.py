@@ -56,11 +56,11 @@ def main() -> int:
 
     source = [s.path for s in subsample(run.samples["train"], args.source_images, args.seed)]
     aligned = copy.deepcopy(net)
-    unlabelled = [held[i].path for i in np.flatnonzero(adapt_half)]
+    images = [read_image(s.path) for s in held]  # decoded once: aligned on, scored before, after and in 8 views
+    unlabelled = [images[i] for i in np.flatnonzero(adapt_half)]
     adapt_batchnorm(aligned, unlabelled, mode="align", source_stats=source_bn_stats(net, source))
-    paths = [s.path for s in held]
-    _, before, _ = features_and_scores(net, paths)
-    _, after, _ = features_and_scores(aligned, paths)
+    _, before, _ = features_and_scores(net, images)
+    _, after, _ = features_and_scores(aligned, images)
 
     report: dict = {"run": str(args.run), "model": run.card.version, "reject_threshold": reject, "groups": {}}
     subsets = {
@@ -80,7 +80,6 @@ def main() -> int:
             "acc_0.5": {"before": acc(before, 0.5), "after_align": acc(after, 0.5)},
             "acc_reject_threshold": {"before": acc(before, reject), "after_align": acc(after, reject)},
         }
-    images = [read_image(p) for p in paths]
     dihedral = [
         features_and_scores(net, [np.ascontiguousarray(np.rot90(im[:, ::-1] if flip else im, k)) for im in images])[1]
         for k in range(4)

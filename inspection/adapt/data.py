@@ -67,6 +67,14 @@ def subsample(paths: Sequence[T], n: int, seed: int) -> list[T]:
     return [paths[i] for i in idx]
 
 
+def run_source_images(samples: dict[str, list], n: int, seed: int) -> tuple[list[Path], list[str]]:
+    """At most `n` of a run's training and validation photos that exist here, with the part (near-duplicate group)
+    of each: the source domain for BN alignment and for the gap, whose noise floor halves the source by part."""
+    present = [s for split in ("train", "val") for s in samples.get(split, []) if Path(s.path).is_file()]
+    chosen = subsample(present, n, seed)
+    return [Path(s.path) for s in chosen], [str(s.group_id) for s in chosen]
+
+
 def load_valid(paths: Sequence[Path | np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
     """Decode images (arrays pass through); returns the images and the indices that decoded."""
     images, kept = [], []

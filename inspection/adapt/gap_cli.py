@@ -29,38 +29,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from inspection.adapt.data import list_images, subsample
+    from inspection.adapt.data import list_images, run_source_images, subsample
     from inspection.adapt.gap import image_gap
+    from inspection.models import build_net
+    from inspection.train.run_dir import load_run
 
     config = load_config(GapConfig, None, args.overrides)
-    source_run = (Path(args.source) / "samples.json").is_file()
-    run = None
-    if args.run or source_run:
-        from inspection.train.run_dir import load_run
-
-        run = load_run(args.run or args.source)
-        net = run.net
-    else:
-        from inspection.models import build_net
-
-        net = build_net()
+    source_run = load_run(args.source) if (Path(args.source) / "samples.json").is_file() else None
+    feature_run = source_run  # a run given as SOURCE also gives the features, unless --run names another
+    if args.run and (source_run is None or Path(args.run).resolve() != source_run.run_dir.resolve()):
+        feature_run = load_run(args.run)
     groups: list[str] | None = None
-    if source_run:
-        known = run if args.run is None else load_run(args.source)
-        samples = [s for split in ("train", "val") for s in known.samples.get(split, []) if Path(s.path).is_file()]
-        if len(samples) < 8:
-            raise DataError(f"{args.source}: only {len(samples)} of its training images exist on this machine")
-        samples = subsample(samples, config.max_images * 2, config.seed)
-        source: list[Path] = [Path(s.path) for s in samples]
-        groups = [str(s.group_id) for s in samples]
+    if source_run is not None:
+        source, groups = run_source_images(source_run.samples, config.max_images * 2, config.seed)
+        if len(source) < 8:
+            raise DataError(f"{args.source}: only {len(source)} of its training images exist on this machine")
     else:
         source = subsample(list_images(args.source), config.max_images * 2, config.seed)
     target = subsample(list_images(args.target), config.max_images, config.seed)
+    net = feature_run.net if feature_run is not None else build_net()
     result = image_gap(net, source, target, config, batch_size=args.batch_size, source_groups=groups)
     if result.warning:
         logger.warning(result.message)
     out = result.to_dict()
-    features = str(args.run or args.source) if run is not None else "imagenet tf_efficientnet_lite0"
+    features = str(feature_run.run_dir) if feature_run is not None else "imagenet tf_efficientnet_lite0"
     out.update(source=str(args.source), target=str(args.target), features=features)
     print(json.dumps(out, indent=2))
     return 0

@@ -24,7 +24,7 @@ import torch
 
 from inspection.adapt.bn_adapt import BNAdaptStats, adapt_batchnorm, source_bn_stats
 from inspection.adapt.config import AdaptConfig
-from inspection.adapt.data import list_images, list_labelled, subsample
+from inspection.adapt.data import list_images, list_labelled, run_source_images, subsample
 from inspection.adapt.gap import GapResult, domain_gap, features_and_scores
 from inspection.adapt.reference import reference_from_scores
 from inspection.adapt.self_train import FitStats, fit_on, self_train
@@ -89,10 +89,7 @@ def run_adapt(
     source_net = loaded.net.eval()
     target_paths = subsample(list_images(target), config.max_target_images, config.seed)
     labelled_paths, labelled_targets = list_labelled(Path(labelled)) if labelled is not None else ([], [])
-    source_all = [s for split in ("train", "val") for s in loaded.samples.get(split, []) if Path(s.path).is_file()]
-    source_samples = subsample(source_all, config.max_source_images, config.seed)
-    source_paths = [s.path for s in source_samples]
-    source_groups = [str(s.group_id) for s in source_samples]  # the gap's noise floor halves the source by part
+    source_paths, source_groups = run_source_images(loaded.samples, config.max_source_images, config.seed)
     if config.bn_mode == "align" and len(source_paths) < 8:
         raise DataError(
             f"bn_mode=align needs the source images of {run_dir}/samples.json, but {len(source_paths)} of them exist "
