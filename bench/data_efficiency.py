@@ -12,7 +12,7 @@ Methods (same held-out test subset for all; accuracy at a 0.5 score threshold, p
   (c') ours     - partial fine-tuning (last stage + conv_head) on a cached frozen trunk with the same views and
                   map flips, L2-SP (costlier on a CPU; run it with --methods ...,ours when there is time).
 `--split photo` deals the photos to train/val/test at random, ignoring parts (same counts per class and side): the
-leaky split under which frozen features + logistic regression give the figures quoted in the issue; it measures how
+leaky split under which frozen features + logistic regression come near the figures quoted in the issue; it shows how
 much of a learning curve is memory of a part's other photos, not a figure for the line.
 Every finished run is appended to OUT/runs.jsonl; `--report-only` rebuilds the table, JSON and PNG from it.
 A validation subset (--val-per-class) picks the best epoch and is needed for calibration; it is the same for all.
