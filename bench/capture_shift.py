@@ -32,6 +32,10 @@ from inspection.images import read_image  # noqa: E402
 from inspection.train.run_dir import load_run  # noqa: E402
 
 
+def accuracy(scores: np.ndarray, defect: np.ndarray, threshold: float) -> float:
+    return round(float(((scores >= threshold) == defect).mean()), 4)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="source run directory trained on the real images")
@@ -71,14 +75,12 @@ def main() -> int:
     }
     for name, mask in subsets.items():
         m = mask & ~adapt_half  # scored only on the half the alignment did not see
-
-        def acc(p: np.ndarray, t: float, m: np.ndarray = m) -> float:
-            return round(float(((p[m] >= t) == y[m]).mean()), 4)
-
         report["groups"][name] = {
             "n_eval": int(m.sum()),
-            "acc_0.5": {"before": acc(before, 0.5), "after_align": acc(after, 0.5)},
-            "acc_reject_threshold": {"before": acc(before, reject), "after_align": acc(after, reject)},
+            **{
+                key: {"before": accuracy(before[m], y[m], t), "after_align": accuracy(after[m], y[m], t)}
+                for key, t in (("acc_0.5", 0.5), ("acc_reject_threshold", reject))
+            },
         }
     dihedral = [
         features_and_scores(net, [np.ascontiguousarray(np.rot90(im[:, ::-1] if flip else im, k)) for im in images])[1]
@@ -89,10 +91,7 @@ def main() -> int:
     report["tta8_whole_split"] = {
         name: {
             "n": int(mask.sum()),
-            "acc_0.5": {
-                "single_view": round(float(((before[mask] >= 0.5) == y[mask]).mean()), 4),
-                "tta8": round(float(((tta[mask] >= 0.5) == y[mask]).mean()), 4),
-            },
+            "acc_0.5": {"single_view": accuracy(before[mask], y[mask], 0.5), "tta8": accuracy(tta[mask], y[mask], 0.5)},
         }
         for name, mask in subsets.items()
     }
