@@ -8,8 +8,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 DEMO_ARGS ?=
+PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint schemas bench-ingest serve clean
+.PHONY: setup demo test test-servers lint schemas bench-ingest serve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,10 +22,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/inspection demo $(DEMO_ARGS)
 
-test: setup
+# the tests start Mosquitto, Chromium and PostgreSQL themselves: installed here (apt-get) when missing
+test-servers:
+	bash deploy/install_test_servers.sh
+
+# pytest-randomly shuffles the order (seed printed in the header; replay: PYTEST_ARGS="-p randomly --randomly-seed=N")
+test: setup test-servers
 	$(VENV)/bin/ruff check inspection flows tests bench deploy
 	$(VENV)/bin/inspection schemas check
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check inspection flows tests bench deploy

@@ -62,6 +62,8 @@ def ingest_flow(
         "images_in_store": result.total_accepted,
         "reviewed_parts_exported": reviewed,
         "labels_changed_by_review": relabelled,
+        "parts_labelled_both_ways": len(result.mixed_label_parts),
+        "photos_of_parts_labelled_both_ways": sum(sum(c.values()) for c in result.mixed_label_parts.values()),
     }
     create_table_artifact(
         key="ingest-counts",

@@ -19,7 +19,8 @@ from inspection.registry import CONFIG_NAME, Registry, RegistryConfig
 
 @task
 def ensure_registry(registry: str, golden_from: str, config: str | None) -> None:
-    """A new plant's registry freezes its golden set from the store's held-out split on the first retrain."""
+    """A new plant's registry freezes its golden set (whole parts sampled from the store) on the first retrain;
+    training then keeps those parts out."""
     if not (Path(registry) / CONFIG_NAME).is_file():
         limits = load_config(RegistryConfig, config, [f"golden_set={Path(golden_from).resolve()}"])
         Registry.init(Path(registry), limits)
@@ -32,7 +33,7 @@ def retrain_flow(
     runs_dir: str,
     registry: str,
     review_db: str | None = None,
-    mode: Literal["head", "partial", "full"] = "partial",
+    mode: Literal["head", "partial", "full"] | None = None,
     train_config: str | None = None,
     train_overrides: list[str] | None = None,
     int8: bool = False,
@@ -46,7 +47,9 @@ def retrain_flow(
     counts = ingest_flow(sources=sources, store=store, review_db=review_db)
     ensure_registry(registry, store, registry_config)
     run_dir = Path(runs_dir) / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
-    trained = train_flow(store=store, out=str(run_dir), mode=mode, config=train_config, overrides=train_overrides)
+    trained = train_flow(
+        store=store, out=str(run_dir), mode=mode, config=train_config, overrides=train_overrides, registry=registry
+    )
     version = export_and_register_flow(run_dir=trained, registry=registry, int8=int8)
     gate = deploy_flow(registry=registry, version=version, reason=f"retrain {run_dir.name}")
     logger.info("retrain: %s -> %s (promoted: %s)", run_dir.name, version, gate.get("promoted"))

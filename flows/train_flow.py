@@ -1,4 +1,5 @@
-"""`train` flow: fine-tune from the manifest with a chosen mode; publishes metrics, model card and plot links."""
+"""`train` flow: cross-fit (by default) from the manifest; publishes metrics per photo and per part with their
+intervals, the model card and plot links. With `registry`, its golden parts never reach training."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from inspection.config import load_config
 from inspection.reporting import card_markdown, metrics_rows
 from inspection.train import TrainConfig, TrainResult, run_train
+from inspection.train.evaluate import part_report_rows
 
 
 @task
@@ -23,15 +25,27 @@ def train_model(config_path: str | None, overrides: list[str], store: str, out: 
 def train_flow(
     store: str,
     out: str,
-    mode: Literal["head", "partial", "full"] = "partial",
+    mode: Literal["head", "partial", "full"] | None = None,
     config: str | None = None,
     overrides: list[str] | None = None,
+    registry: str | None = None,
 ) -> str:
-    """Train a run directory `out` from the ingest store `store`; returns the run directory."""
+    """Train a run directory `out` from the ingest store `store`; returns the run directory.
+
+    `mode` (None: the config's), `registry`: its golden set is excluded from training and calibration."""
     logger = get_run_logger()
-    result = train_model(config, [f"mode={mode}", *(overrides or [])], store, out)
+    extra = [f"mode={mode}"] if mode else []
+    if registry and (Path(registry) / "golden.json").is_file():
+        extra.append(f"exclude={Path(registry).resolve()}")
+    result = train_model(config, [*extra, *(overrides or [])], store, out)
     run_dir = result.run_dir
     create_table_artifact(key="train-metrics", table=metrics_rows(result.metrics), description=f"Metrics of {run_dir}")
+    for split, report in result.parts.items():
+        create_table_artifact(
+            key=f"train-parts-{split}",
+            table=part_report_rows(report),
+            description=f"{split}: per photo and per physical part, 95 % intervals ({report['n_parts']} parts)",
+        )
     create_markdown_artifact(key="model-card", markdown=card_markdown(result.card), description="Model card")
     for plot in sorted((run_dir / "plots").glob("*.png")):
         create_link_artifact(key=f"plot-{plot.stem.replace('_', '-')}"[:60], link=plot.resolve().as_uri())

@@ -4,8 +4,8 @@ The runner writes one `inspections` row per answered request *before* the answer
 them and appends `reviews` rows (append-only; a correction points at the decision it `replaces`). Images of parts
 that were not passed are kept content-addressed next to the database (`MEDIA/images/<sha[:2]>/<sha>.<ext>`) with
 the model's raw heatmap (`MEDIA/heatmaps/<request_id>.png`, a tiny 16-bit grey PNG of the h x w map: microseconds
-to write on the line); the coloured overlay QA looks at is rendered from both when it is asked for
-(`overlay_png`), never on the line's critical path.
+to write on the line); the overlay QA looks at (the map inside the part's silhouette, one hue, peak ringed:
+`inspection.overlay`) is rendered from both when it is asked for (`overlay_png`), never on the line's critical path.
 
 SQLite in WAL mode is the default (one file, readers never block the writer); a PostgreSQL URL works the same
 because only SQLAlchemy Core is used. The `folder_files` table lets folder mode inspect each dropped file exactly
@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,19 @@ from typing import Any
 import cv2
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -46,6 +49,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
 from inspection.errors import InspectionError
 from inspection.images import decode_image, sniff_format
+from inspection.overlay import MAX_OPACITY, render_overlay
 from inspection.schemas import InspectionResult, Thresholds, Verdict
 
 logger = logging.getLogger(__name__)
@@ -97,7 +101,25 @@ folder_files = Table(
     Column("decided_at", DateTime(timezone=True), nullable=False),
 )
 
-SOURCES = ("http", "folder")
+# -- MQTT outbox (inspection/runner/outbox.py relays it) -------------------------------------------------------
+# One row per verdict to publish, inserted in the same transaction as its decision: a broker outage, a crash or a
+# restart between deciding and publishing loses nothing. The relay publishes rows in id order and deletes each one
+# once the broker has acknowledged it (QoS 1). `producer` is the runner that relays it (several runners may share
+# one PostgreSQL store).
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("producer", String(128), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("payload", Text, nullable=False),  # the InspectionResult JSON, as published
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_outbox_producer_id", "producer", "id"),
+)
+# -- end of the MQTT outbox table ---------------------------------------------------------------------------------
+
+SOURCES = ("http", "folder", "opcua")
 KEEP_VERDICTS = (Verdict.review, Verdict.reject)  # parts a human may look at: keep their images
 _EXTENSIONS = {"jpeg": "jpg", "png": "png", "bmp": "bmp", "tiff": "tif"}
 
@@ -136,14 +158,17 @@ def _unit_map(stored: np.ndarray | None, rel: str) -> np.ndarray:
     return stored.astype(np.float32) / (65535.0 if stored.dtype == np.uint16 else 255.0)
 
 
-def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """uint8 RGB image (H, W, 3) + heatmap (h, w) in [0, 1] -> uint8 RGB overlay (H, W, 3), jet colour map."""
-    h, w = image.shape[:2]
-    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
-    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)  # (H, W)
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
-    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB)
-    return cv2.addWeighted(image, 1.0 - alpha, colour, alpha, 0.0)
+def heatmap_overlay(
+    image: np.ndarray, heatmap: np.ndarray, alpha: float = MAX_OPACITY, find_part: bool = True
+) -> np.ndarray:
+    """uint8 RGB image (H, W, 3) + heatmap (h, w) in [0, 1], any h x w -> uint8 RGB overlay (H, W, 3).
+
+    The map is upsampled smoothly, read inside the part's silhouette (the background is faded), drawn in one hue
+    whose opacity (up to `alpha`) follows the value, and its peak is ringed (`inspection.overlay`). `find_part`
+    False draws over the whole frame (a bare map with no photo under it).
+    """
+    overlay, _, _ = render_overlay(image, heatmap, max_opacity=alpha, find_part=find_part)
+    return overlay
 
 
 class DecisionStore:
@@ -174,6 +199,7 @@ class DecisionStore:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         # SQLite allows one writer; serialising writes here avoids busy retries under concurrent requests.
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        self._outbox: tuple[str, Callable[[InspectionResult], str]] | None = None  # see enable_outbox
         metadata.create_all(self.engine)
 
     def close(self) -> None:
@@ -205,7 +231,7 @@ class DecisionStore:
         return _unit_map(cv2.imread(str(self.media_path(rel)), cv2.IMREAD_UNCHANGED), rel)
 
     def overlay_png(self, request_id: str) -> bytes | None:
-        """PNG of the kept image with its heatmap laid over it (jet colours), or None when nothing was kept."""
+        """PNG of the kept image with its heatmap laid over it (`heatmap_overlay`), or None when nothing was kept."""
         row = self.get_row(request_id)
         if not row or not row.get("heatmap_path"):
             return None
@@ -220,10 +246,11 @@ class DecisionStore:
                 image = decode_image(self.media_path(row["image_path"]).read_bytes())
             except (InspectionError, OSError):
                 image = None  # held for bad bytes: show the map alone
+        find_part = image is not None
         if image is None:
             grey = (heat * 255).astype(np.uint8)
             image = cv2.cvtColor(cv2.resize(grey, (224, 224), interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2RGB)
-        overlay = heatmap_overlay(image, heat)
+        overlay = heatmap_overlay(image, heat, find_part=find_part)  # no photo: no silhouette to look for
         # fast compression: ~4x less CPU than the default level for ~5 % more bytes
         ok, buf = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:
@@ -288,6 +315,7 @@ class DecisionStore:
         try:
             with self._locked(), self.engine.begin() as conn:
                 conn.execute(insert(inspections), row)
+                self._enqueue_outbox(conn, [result])
                 if folder_identity is not None:
                     identity, name, destination = folder_identity
                     conn.execute(
@@ -315,6 +343,7 @@ class DecisionStore:
         try:
             with self._locked(), self.engine.begin() as conn:
                 conn.execute(insert(inspections), rows)
+                self._enqueue_outbox(conn, [d[0] for d in decisions])
         except SAIntegrityError as exc:
             ids = [r["request_id"] for r in rows]
             raise DecisionStoreError(f"one of the decisions {ids} is already recorded") from exc
@@ -325,6 +354,66 @@ class DecisionStore:
     def mark_emitted(self, identity: str) -> None:
         with self._locked(), self.engine.begin() as conn:
             conn.execute(update(folder_files).where(folder_files.c.identity == identity).values(emitted=1))
+
+    # -- MQTT outbox (the rows of `outbox`; the relay is inspection/runner/outbox.py) -------------------------
+
+    def enable_outbox(self, producer: str, topic_for: Callable[[InspectionResult], str]) -> None:
+        """From now on every recorded decision also gets an outbox row (same transaction) for `producer`."""
+        self._outbox = (producer, topic_for)
+
+    def _enqueue_outbox(self, conn: Any, results: Sequence[InspectionResult]) -> None:
+        if self._outbox is None or not results:
+            return
+        producer, topic_for = self._outbox
+        now = datetime.now(UTC)
+        conn.execute(
+            insert(outbox),
+            [
+                {
+                    "producer": producer,
+                    "request_id": r.request_id,
+                    "topic": topic_for(r),
+                    "payload": r.model_dump_json(),
+                    "created_at": now,
+                }
+                for r in results
+            ],
+        )
+
+    def outbox_pending(self, producer: str, limit: int) -> list[dict[str, Any]]:
+        """The oldest `limit` undelivered rows of `producer`, in the order they were decided."""
+        query = select(outbox).where(outbox.c.producer == producer).order_by(outbox.c.id).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def outbox_delivered(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self._locked(), self.engine.begin() as conn:
+            conn.execute(delete(outbox).where(outbox.c.id.in_(list(ids))))
+
+    def outbox_count(self, producer: str) -> int:
+        with self.engine.connect() as conn:
+            query = select(func.count()).select_from(outbox).where(outbox.c.producer == producer)
+            return int(conn.execute(query).scalar_one())
+
+    def outbox_trim(self, producer: str, max_rows: int) -> int:
+        """Drop the oldest rows of `producer` beyond `max_rows` (a broker gone for days must not fill the disk);
+        returns how many were dropped."""
+        with self._locked(), self.engine.begin() as conn:
+            keep_from = conn.execute(
+                select(outbox.c.id)
+                .where(outbox.c.producer == producer)
+                .order_by(outbox.c.id.desc())
+                .offset(max_rows - 1)
+                .limit(1)
+            ).scalar()
+            if keep_from is None:
+                return 0
+            gone = conn.execute(delete(outbox).where(outbox.c.producer == producer, outbox.c.id < keep_from))
+            return int(gone.rowcount or 0)
+
+    # -- end of the MQTT outbox block ----------------------------------------------------------------------
 
     # -- reads ---------------------------------------------------------------------------------------------
 

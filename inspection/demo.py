@@ -38,10 +38,10 @@ class DemoConfig:
     out: Path = Path("demo_out")  # everything the demo writes (store, runs, registry, decisions)
     data: Path | None = None  # a def_front/ok_front folder of real photos; None: render demo castings
     n_parts: int = 480  # demo castings to learn from: "a few hundred labelled parts"
-    n_stream: int = 160  # unseen parts sent to the runner (demo castings); with --data: the held-out test split
+    n_stream: int = 160  # unseen parts sent to the runner (demo castings); with --data: the registry's golden set
     max_stream: int = 400  # with --data, at most this many held-out photos are sent (keeps the demo short)
     seed: int = 7
-    mode: str = "partial"  # transfer-learning mode of the demo's training run
+    mode: str | None = None  # transfer-learning mode of the demo's training run (None: the train config's)
     train_config: Path = REPO_CONFIGS / "demo.yaml"
     registry_config: Path = REPO_CONFIGS / "demo_registry.yaml"  # looser first-model limits: a 3-minute model
     clients: int = 4  # concurrent HTTP clients, like several stations' gateways
@@ -63,8 +63,9 @@ def _prepare_out(out: Path) -> None:
     (out / MARKER).write_text("made by `inspection demo`; safe to delete\n")
 
 
-def _stream_items(config: DemoConfig, store: Path) -> list[tuple[Path, str]]:
-    """(image path, true label) of parts the model never saw."""
+def _stream_items(config: DemoConfig, registry: Path) -> list[tuple[Path, str]]:
+    """(image path, true label) of parts the model never saw: new demo castings, or the golden parts of real
+    photos (sampled whole at registry init and kept out of training)."""
     if config.data is None:
         from inspection.synth import render_dataset
 
@@ -73,14 +74,13 @@ def _stream_items(config: DemoConfig, store: Path) -> list[tuple[Path, str]]:
         return [(p, "defect") for p in sorted((unseen / "def_front").iterdir())] + [
             (p, "ok") for p in sorted((unseen / "ok_front").iterdir())
         ]
-    from inspection.ingest import load_samples
-
-    test = [s for s in load_samples(store) if s.split == "test" and s.label is not None]
-    if not test:
-        raise DataError(f"the store {store} has no labelled test split to stream")
+    golden_file = registry / "golden.json"
+    golden = json.loads(golden_file.read_text()) if golden_file.is_file() else []
+    if not golden:
+        raise DataError(f"the registry {registry} has no golden set to stream")
     rng = np.random.default_rng(config.seed)
-    idx = rng.permutation(len(test))[: config.max_stream]
-    return [(test[i].path, str(test[i].label)) for i in sorted(idx)]
+    idx = rng.permutation(len(golden))[: config.max_stream]
+    return [(Path(golden[i]["path"]), str(golden[i]["label"])) for i in sorted(idx)]
 
 
 def _start_runner(config: DemoConfig, registry: Path, port: int) -> subprocess.Popen:
@@ -212,7 +212,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         reason = (flow_result.get("gate") or {}).get("reason")
         raise InspectionError(f"the gate refused the demo model {flow_result['version']}: {reason}; nothing to serve")
     t_pipeline = time.perf_counter() - t0
-    items = _stream_items(config, store)
+    items = _stream_items(config, registry)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = _start_runner(config, registry, port)

@@ -41,6 +41,8 @@ class PreprocessConfig:
 # Preprocessing that travels with each known set of weights (as timm's pretrained_cfg does).
 WEIGHTS_PREPROCESS: dict[str, PreprocessConfig] = {
     "tf_efficientnet_lite0": PreprocessConfig(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "tf_efficientnet_lite1": PreprocessConfig(input_size=240, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "tf_efficientnet_lite2": PreprocessConfig(input_size=260, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 
 IMAGENET_PREPROCESS = PreprocessConfig(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

@@ -3,7 +3,8 @@
 Layout of a registry folder (no torch needed to read or change it, so the runner and the flows share it):
 
     ROOT/registry.yaml      RegistryConfig: golden set, gate limits
-    ROOT/golden.json        the golden set frozen at `init`: [{"sha256", "path", "label"}] (a fixed labelled set)
+    ROOT/golden.json        the golden set frozen at `init`: [{"sha256", "path", "label", "group_id"}]: whole
+                            parts sampled from a store (never trained on, never used for calibration)
     ROOT/versions/<v>/      model file(s), model_card.json (files -> sha256), metrics, plots, SHA256SUMS
     ROOT/aliases.json       {"production": v, "previous": v}; replaced atomically (write, fsync, rename)
     ROOT/history.jsonl      one JSON line per change: who, when, what, why, the gate's figures
@@ -38,13 +39,16 @@ from inspection.schemas import ModelCard
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "registry.yaml"
+TRAINING_SET_FILE = "training_set.json"  # written by training, shipped by export: what a version has seen
 ALIASES = ("production", "previous")
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    golden_set: str | None = None  # store / manifest (its `golden_split`) or a def_front/ok_front folder
-    golden_split: str = "test"  # held-out parts: never trained on, never used for calibration
+    golden_set: str | None = None  # store / manifest (whole parts sampled from it) or a def_front/ok_front folder
+    golden_parts: float = 0.15  # share of each label's parts frozen as the golden set (a store's parts)
+    golden_seed: int = 0  # which parts: a seeded hash order, stable when the store grows
+    golden_split: str | None = None  # instead of sampling parts: take a store split as it is (e.g. test)
     max_escape_rate: float = 0.01  # first promotion (no production yet): at most this share of defects passed
     max_false_reject_rate: float = 0.25  # first promotion: at most this share of good parts rejected
     escape_tolerance: float = 0.0  # a candidate may not let more defects pass than production: escapes cost most
@@ -53,6 +57,8 @@ class RegistryConfig:
     threads: int | None = None  # onnxruntime threads for the gate's evaluation; None = all cores
 
     def validate(self) -> None:
+        if not 0.0 < self.golden_parts < 1.0:
+            raise ConfigError(f"registry.golden_parts: got {self.golden_parts}, allowed 0 < x < 1 (a share of parts)")
         for name in ("max_escape_rate", "max_false_reject_rate", "escape_tolerance", "false_reject_margin"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -69,12 +75,27 @@ class ModelVersion:
 
 @dataclass(frozen=True)
 class GoldenFigures:
-    n: int
+    n: int  # photos
     n_defect: int
-    escape_rate: float  # defective parts answered `pass`
-    false_reject_rate: float  # good parts answered `reject`
-    review_rate: float  # parts held for a human
+    escape_rate: float  # defective photos answered `pass`
+    false_reject_rate: float  # good photos answered `reject`
+    review_rate: float  # photos held for a human
     accuracy: float  # pass = ok, reject/review = defect
+    n_parts: int = 0
+    n_defect_parts: int = 0
+    # rate -> {"photo": {value, low, high, ...}, "part": ..., "part_mostly": ...}: 95 % intervals (inspection.stats)
+    intervals: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self, name: str) -> str:
+        """'1.20 % [0.00, 4.10] of photos, 0/6 parts mostly' for the gate's reason."""
+        r = self.intervals.get(name)
+        if not r:
+            return f"{100 * getattr(self, name):.2f} %"
+        ph, mostly = r["photo"], r["part_mostly"]
+        return (
+            f"{100 * ph['value']:.2f} % [{100 * ph['low']:.2f}, {100 * ph['high']:.2f}] of photos, "
+            f"{int(mostly['k'])}/{mostly['n']} parts mostly [{100 * mostly['low']:.0f}, {100 * mostly['high']:.0f} %]"
+        )
 
 
 @dataclass
@@ -126,9 +147,17 @@ class Registry:
         save_config(config, root / CONFIG_NAME)
         reg = cls(root, config)
         if config.golden_set:
-            golden = _collect_golden(Path(config.golden_set), config.golden_split)
+            golden = _collect_golden(Path(config.golden_set), config)
             _atomic_write(root / "golden.json", json.dumps(golden, indent=1) + "\n")
-            logger.info("registry %s: golden set of %d parts frozen from %s", root, len(golden), config.golden_set)
+            parts = {(i["group_id"], i["label"]) for i in golden}
+            logger.info(
+                "registry %s: golden set of %d photos of %d parts (%d good) frozen from %s",
+                root,
+                len(golden),
+                len(parts),
+                sum(1 for _, label in parts if label == "ok"),
+                config.golden_set,
+            )
         return reg
 
     @contextlib.contextmanager
@@ -244,16 +273,45 @@ class Registry:
             )
         return json.loads(path.read_text())
 
+    def golden_overlap(self, version: str) -> str | None:
+        """'N photos of M parts' of the golden set that `version` was trained on (from its training_set.json),
+        or None. A version exported without that file (older releases) cannot be checked and passes."""
+        mv = self.get(version)
+        path = mv.dir / TRAINING_SET_FILE
+        if not path.is_file():
+            logger.warning("%s has no %s: cannot check that it never saw the golden set", version, TRAINING_SET_FILE)
+            return None
+        trained = json.loads(path.read_text())
+        shas, groups = set(trained.get("sha256", [])), set(trained.get("group_id", []))
+        hit = [i for i in self._golden() if i["sha256"] in shas or (i.get("group_id") and i["group_id"] in groups)]
+        if not hit:
+            return None
+        return f"{len(hit)} photos of {len({i.get('group_id') or i['sha256'] for i in hit})} parts"
+
     def gate(self, version: str) -> GateReport:
         """Would `version` be promoted? Compares it with production on the golden set; changes nothing."""
         production = self.alias("production")
         cfg = self.config
+        seen = self.golden_overlap(version)
+        if seen:
+            return GateReport(
+                version=version,
+                production=production,
+                promoted=False,
+                forced=False,
+                reason=f"refused: {version} was trained on {seen} of the golden set; its golden figures mean "
+                "nothing (train with exclude: REGISTRY so the golden parts stay out)",
+            )
         cand = self.golden_figures(version)
+        stated = (
+            f" (golden set: {cand.n} photos of {cand.n_parts} parts; escape rate {cand.describe('escape_rate')}; "
+            f"false-reject rate {cand.describe('false_reject_rate')})"
+        )
         if production is None:
             ok = cand.escape_rate <= cfg.max_escape_rate and cand.false_reject_rate <= cfg.max_false_reject_rate
             reason = (
                 f"first model: escape rate {cand.escape_rate:.4f} (limit {cfg.max_escape_rate}), false-reject rate "
-                f"{cand.false_reject_rate:.4f} (limit {cfg.max_false_reject_rate})"
+                f"{cand.false_reject_rate:.4f} (limit {cfg.max_false_reject_rate})" + stated
             )
             prod = None
         else:
@@ -265,10 +323,11 @@ class Registry:
                 f"escape rate {cand.escape_rate:.4f} vs production {prod.escape_rate:.4f} "
                 f"({'ok' if escape_ok else 'worse'}); false-reject rate {cand.false_reject_rate:.4f} vs "
                 f"{prod.false_reject_rate:.4f} + margin {cfg.false_reject_margin} ({'ok' if frr_ok else 'worse'})"
+                + stated
             )
-        rows = [{"model": f"candidate {version}", **asdict(cand)}]
+        rows = [{"model": f"candidate {version}", **_row(cand)}]
         if prod is not None:
-            rows.append({"model": f"production {production}", **asdict(prod)})
+            rows.append({"model": f"production {production}", **_row(prod)})
         return GateReport(
             version=version,
             production=production,
@@ -357,28 +416,55 @@ def _verify_files(folder: Path, card: ModelCard) -> None:
             raise IntegrityError(f"{path}: sha256 {actual[:16]}… does not match the model card's {expected[:16]}…")
 
 
-def _collect_golden(source: Path, split: str) -> list[dict[str, str]]:
-    """Labelled golden parts from a store/manifest (one split) or a def_front/ok_front folder."""
-    from inspection.ingest import IngestConfig, load_samples
+def _collect_golden(source: Path, config: RegistryConfig) -> list[dict[str, str]]:
+    """Labelled golden photos from a store/manifest (whole parts sampled per label, or one split) or a
+    def_front/ok_front folder (every photo, each its own part)."""
+    from inspection.ingest import IngestConfig, load_samples, mixed_label_groups
 
     if source.is_file() or (source / "manifest.sqlite").is_file():
-        items = [
-            {"sha256": s.sha256, "path": str(s.path), "label": s.label}
-            for s in load_samples(source)
-            if s.split == split and s.label in ("ok", "defect")
-        ]
+        samples = [s for s in load_samples(source) if s.label in ("ok", "defect")]
+        mixed = mixed_label_groups(samples)  # a part labelled both ways cannot judge a model
+        samples = [s for s in samples if s.group_id not in mixed]
+        if config.golden_split:
+            chosen = [s for s in samples if s.split == config.golden_split]
+        else:
+            picked = _sample_parts(samples, config.golden_parts, config.golden_seed)
+            chosen = [s for s in samples if s.group_id in picked]
+        items = [{"sha256": s.sha256, "path": str(s.path), "label": s.label, "group_id": s.group_id} for s in chosen]
     elif source.is_dir():
         mapping = IngestConfig().label_map
         items = []
         for folder, label in mapping.items():
             for p in sorted((source / folder).glob("*")) if (source / folder).is_dir() else []:
                 if p.is_file():
-                    items.append({"sha256": sha256_file(p), "path": str(p.resolve()), "label": label})
+                    sha = sha256_file(p)
+                    items.append({"sha256": sha, "path": str(p.resolve()), "label": label, "group_id": sha})
     else:
         raise DataError(f"golden set {source} is neither a store, a manifest nor a folder of images")
     if not any(i["label"] == "defect" for i in items) or not any(i["label"] == "ok" for i in items):
-        raise DataError(f"golden set {source} (split {split}) needs both defect and ok parts; found {len(items)} parts")
+        raise DataError(f"golden set {source} needs both defect and ok parts; found {len(items)} photos")
     return items
+
+
+def _sample_parts(samples: list[Any], share: float, seed: int) -> set[str]:
+    """`share` of each label's parts (at least one), in a seeded hash order of the group ids."""
+    by_label: dict[str, set[str]] = {}
+    for s in samples:
+        by_label.setdefault(s.label, set()).add(s.group_id)
+    picked: set[str] = set()
+    for groups in by_label.values():
+        order = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+        picked.update(order[: max(1, round(share * len(order)))])
+    return picked
+
+
+def _row(figures: GoldenFigures) -> dict[str, Any]:
+    """The gate table's row: the point figures plus each rate's per-photo interval and parts mostly misjudged."""
+    row = {k: v for k, v in asdict(figures).items() if k != "intervals"}
+    for name in ("escape_rate", "false_reject_rate"):
+        if name in figures.intervals:
+            row[f"{name} (95 % interval)"] = figures.describe(name)
+    return row
 
 
 def _evaluate_golden(mv: ModelVersion, golden: list[dict[str, str]], threads: int | None) -> GoldenFigures:
@@ -396,8 +482,21 @@ def _evaluate_golden(mv: ModelVersion, golden: list[dict[str, str]], threads: in
         images.append(read_image(path))
     scores, _ = model.predict_images(images)
     verdicts = verdicts_for(np.asarray(scores), Thresholds.model_validate(mv.card.thresholds.model_dump()))
+    from inspection.stats import part_rates
+
     labels = np.array([i["label"] for i in golden])
+    groups = np.array([i.get("group_id") or i["sha256"] for i in golden])
     defect, ok = labels == "defect", labels == "ok"
+    hits = {
+        "escape_rate": (verdicts == "pass", defect),
+        "false_reject_rate": (verdicts == "reject", ok),
+        "review_rate": (verdicts == "review", np.ones_like(ok)),
+    }
+    intervals = {
+        name: {k: r.to_dict() for k, r in part_rates(h[where], groups[where]).items()}
+        for name, (h, where) in hits.items()
+        if where.any()
+    }
     return GoldenFigures(
         n=len(golden),
         n_defect=int(defect.sum()),
@@ -405,6 +504,9 @@ def _evaluate_golden(mv: ModelVersion, golden: list[dict[str, str]], threads: in
         false_reject_rate=float((verdicts[ok] == "reject").mean()),
         review_rate=float((verdicts == "review").mean()),
         accuracy=float(((verdicts == "pass") == ok).mean()),
+        n_parts=int(len(set(groups.tolist()))),
+        n_defect_parts=int(len(set(groups[defect].tolist()))),
+        intervals=intervals,
     )
 
 

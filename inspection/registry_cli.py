@@ -23,7 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("version")
     init = sub.add_parser("init", help="create the registry and freeze its golden set")
     init.add_argument("--golden-set", required=True, help="ingest store/manifest or def_front/ok_front folder")
-    init.add_argument("--split", default="test", help="split of a store used as golden set (default test)")
+    init.add_argument(
+        "--parts",
+        type=float,
+        default=None,
+        help="share of each label's parts frozen as the golden set (default: the config's golden_parts, 0.15)",
+    )
+    init.add_argument("--split", default=None, help="take this store split as the golden set instead of sampling parts")
     init.add_argument("--config", type=Path, help="registry YAML with the gate limits")
     reg = sub.add_parser("register", help="register an export folder as a new immutable version")
     reg.add_argument("export_dir", type=Path)
@@ -40,7 +46,12 @@ def main(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.action == "init":
         config = load_config(RegistryConfig, args.config) if args.config else RegistryConfig()
-        config = replace(config, golden_set=str(Path(args.golden_set).resolve()), golden_split=args.split)
+        config = replace(config, golden_set=str(Path(args.golden_set).resolve()))
+        if args.split:
+            config = replace(config, golden_split=args.split)
+        if args.parts is not None:
+            config = replace(config, golden_parts=args.parts)
+        config.validate()
         Registry.init(args.root, config)
         logger.info("registry %s ready (%s)", args.root, args.root / CONFIG_NAME)
         return 0

@@ -156,6 +156,16 @@ class ModelCard(_Contract):
     parent_version: str | None = None
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     notes: str | None = None
+    validation: str | None = Field(
+        None, description="how the thresholds were calibrated: 'crossfit, K folds by part' or 'split'"
+    )
+    part_metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="per split (oof, val, test): rates per photo and per physical part with 95 % intervals",
+    )
+    excluded: dict[str, Any] = Field(
+        default_factory=dict, description="photos kept out of training: golden set, parts labelled both ways"
+    )
 
 
 CONTRACTS: dict[str, type[BaseModel]] = {

@@ -56,6 +56,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="no CUDA device"))
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    # pytest-randomly (dev extra) shuffles modules and tests; `-q` hides its header, so say how to replay this order
+    if config.pluginmanager.hasplugin("randomly"):
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(
+            f"test order shuffled by pytest-randomly, seed {seed}; replay: "
+            f'make test PYTEST_ARGS="-p randomly --randomly-seed={seed}" (or pytest -p randomly --randomly-seed={seed})'
+        )
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     path = real_data_dir()

@@ -91,7 +91,7 @@ def source_bn_stats(
     hooks = [m.register_forward_pre_hook(lambda _m, a, s=stats[name]: record(s, a[0])) for name, m in layers.items()]
     try:
         for _, x in iter_input_batches(net, images, batch_size):
-            net.feature_maps(x)
+            net.feature_maps_all(x)
     finally:
         for h in hooks:
             h.remove()
@@ -149,7 +149,7 @@ def adapt_batchnorm(
     n_images = n_batches = 0
     try:
         for idx, x in iter_input_batches(net, target, batch_size):
-            net.feature_maps(x)
+            net.feature_maps_all(x)
             n_images += len(idx)
             n_batches += 1
     finally:

@@ -38,7 +38,7 @@ def features_and_scores(
     net.eval()
     feats, probs, kept = [], [], []
     for idx, x in iter_input_batches(net, items, batch_size):
-        pooled = net.feature_maps(x).mean(dim=(2, 3))  # (B, C)
+        pooled = net.pooled_from_input(x)  # (B, D): what the head reads
         feats.append(pooled.numpy())
         probs.append(torch.sigmoid(net.logits_from_pooled(pooled)).numpy())
         kept.append(idx)

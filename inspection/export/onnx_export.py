@@ -34,12 +34,14 @@ from inspection.export.parity import ParityReport, check_parity, rejudge, resolv
 from inspection.export.quantize import Int8Report, convert_fp16, int8_gate, measure_latency, quantize_int8
 from inspection.images import read_image
 from inspection.onnx_infer import CARD_FILE, INPUT_NAME, OUTPUT_NAMES, OnnxModel, sha256_file
+from inspection.registry import TRAINING_SET_FILE
 from inspection.schemas import ModelCard
 from inspection.thresholds import verdicts_for
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+PARITY_PHOTOS = 1000  # parity photos of a cross-fitted run, spread over all of its parts
 INT8_FILE = "model.int8.onnx"
 FP16_FILE = "model.fp16.onnx"
 IO_DESCRIPTION = (
@@ -97,15 +99,11 @@ def export_onnx(config: ExportConfig, run_dir: str | Path, out: str | Path) -> E
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
     run = load_run(run_dir)
-    return export_net(
-        config,
-        run.net,
-        run.card,
-        out,
-        val=run.samples.get("val", []),
-        train=run.samples.get("train", []),
-        run_dir=run_dir,
-    )
+    train = run.samples.get("train", [])
+    check = run.samples.get("val", [])
+    if not check:  # a cross-fitted run has no val split (every part was out of fold once): check on its photos
+        check = train[:: max(1, len(train) // PARITY_PHOTOS)]
+    return export_net(config, run.net, run.card, out, val=check, train=train, run_dir=run_dir)
 
 
 def export_net(
@@ -391,10 +389,11 @@ def _int8(
 
 
 def _copy_run_artifacts(run_dir: str | Path | None, tmp: Path, card: ModelCard) -> None:
-    """metrics.json, plots/ and the drift reference travel with the model into the registry."""
+    """metrics.json, plots/, the drift reference and the training set travel with the model into the registry."""
     run_dir = Path(run_dir) if run_dir else None
-    if run_dir and (run_dir / REFERENCE_FILE).is_file():
-        shutil.copy2(run_dir / REFERENCE_FILE, tmp / REFERENCE_FILE)
+    for name in (REFERENCE_FILE, TRAINING_SET_FILE):
+        if run_dir and (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, tmp / name)
     if run_dir and (run_dir / "metrics.json").is_file():
         shutil.copy2(run_dir / "metrics.json", tmp / "metrics.json")
     else:

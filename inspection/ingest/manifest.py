@@ -175,3 +175,54 @@ def review_label_for(con: sqlite3.Connection, sha256: str) -> str | None:
         "SELECT label FROM review_labels WHERE sha256 = ? ORDER BY decided_at DESC, reviewer DESC LIMIT 1", (sha256,)
     ).fetchone()
     return row[0] if row else None
+
+
+@dataclass(frozen=True)
+class LabelConflict:
+    """One physical part (near-duplicate group) whose photos carry both labels: unusable until QA settles it."""
+
+    group_id: str
+    photos: list[tuple[str, Path, str]]  # (sha256, stored path, current label), ingest order
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {"ok": 0, "defect": 0}
+        for _, _, label in self.photos:
+            out[label] += 1
+        return out
+
+
+def mixed_label_groups(samples: Iterable[Sample]) -> set[str]:
+    """Group ids whose labelled samples carry both labels (the same part called good and defective)."""
+    seen: dict[str, set[str]] = {}
+    for s in samples:
+        if s.label is not None:
+            seen.setdefault(s.group_id, set()).add(s.label)
+    return {g for g, labels in seen.items() if len(labels) > 1}
+
+
+def label_conflicts(store_or_manifest: Path) -> list[LabelConflict]:
+    """Every group of the store whose photos are labelled both ways, largest first."""
+    samples = load_samples(store_or_manifest)
+    mixed = mixed_label_groups(samples)
+    photos: dict[str, list[tuple[str, Path, str]]] = {g: [] for g in mixed}
+    for s in samples:
+        if s.group_id in mixed and s.label is not None:
+            photos[s.group_id].append((s.sha256, s.path, s.label))
+    return sorted((LabelConflict(g, p) for g, p in photos.items()), key=lambda c: (-len(c.photos), c.group_id))
+
+
+def relabel_group(store: Path, group_id: str, label: str, reviewer: str, decided_at: datetime) -> int:
+    """QA's decision on a whole part: every accepted photo of `group_id` gets `label` (a review label, so it
+    outranks folder labels and survives re-ingest). Returns how many photos were relabelled."""
+    with connect(manifest_path(store)) as con:
+        shas = [
+            row[0]
+            for row in con.execute(
+                "SELECT sha256 FROM records WHERE status = 'accepted' AND group_id = ? ORDER BY id", (group_id,)
+            )
+        ]
+    if not shas:
+        raise DataError(f"group {group_id!r} has no accepted photos in {store}")
+    apply_review_labels(store, [(sha, label, reviewer, decided_at) for sha in shas])
+    return len(shas)

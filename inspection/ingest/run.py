@@ -33,6 +33,7 @@ from inspection.ingest.manifest import (
     Sample,
     connect,
     insert_records,
+    label_conflicts,
     load_descriptors,
     load_samples,
     save_descriptors,
@@ -65,6 +66,9 @@ class IngestResult:
     group_sizes: dict[int, int]  # group size -> number of groups
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> label -> images
     groups_merged: int = 0  # earlier groups joined by a new image (their splits were unified)
+    # physical parts whose photos carry both labels: group id -> {"ok": n, "defect": n}; training keeps them out
+    # until QA settles them (review app, "same part, labels disagree")
+    mixed_label_parts: dict[str, dict[str, int]] = field(default_factory=dict)
     wall_s: float = 0.0
 
     @property
@@ -345,6 +349,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
             split_counts.setdefault(split or "none", {})[label] = n
 
     sizes = Counter(Counter(group_of.values()).values())
+    mixed = {c.group_id: c.counts for c in label_conflicts(store)}
     result = IngestResult(
         store=store,
         n_files=len(candidates),
@@ -358,6 +363,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
         group_sizes=dict(sorted(sizes.items())),
         split_counts=split_counts,
         groups_merged=merged,
+        mixed_label_parts=mixed,
         wall_s=time.perf_counter() - t0,
     )
     logger.info(
@@ -376,6 +382,12 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
     )
     if merged:
         logger.warning("%d earlier groups were joined by new near-duplicates; their images now share one split", merged)
+    if mixed:
+        logger.warning(
+            "%d parts carry both labels (%s): training keeps them out until QA settles them in the review app",
+            len(mixed),
+            ", ".join(f"{g}: {c['ok']} ok + {c['defect']} defect" for g, c in mixed.items()),
+        )
     return result
 
 

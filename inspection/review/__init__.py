@@ -1,5 +1,6 @@
-"""The QA review web app: a queue of flagged parts with heatmaps, decisions that become training labels, users
-and an append-only audit trail (`inspection review serve|user|export`).
+"""The QA review web app: a queue of flagged parts (repeated photos of one part are one row and one decision)
+with heatmaps that point at the defect, decisions that become training labels, a queue of parts whose photos
+carry both labels in the ingest store, users and an append-only audit trail (`inspection review serve|user|export`).
 
 No torch: the review app reads the runner's decision store (`inspection.decisions`) and appends to it.
 The web stack (FastAPI, Jinja2) is imported only when `create_app` is asked for, so the flows can use

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(serve)
     serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default from config: 8600)")
+    serve.add_argument(
+        "--ingest-store",
+        help="ingest store (folder with manifest.sqlite): its parts labelled both ways get their own queue",
+    )
 
     user = sub.add_parser("user", help="manage review users (add, list, disable, enable, passwd, role)")
     user_sub = user.add_subparsers(dest="user_action", required=True)
@@ -69,7 +73,7 @@ def _config(args: argparse.Namespace) -> ReviewConfig:
         changes["store"] = args.store
     if args.media_dir:
         changes["media_dir"] = args.media_dir
-    for key in ("host", "port"):
+    for key in ("host", "port", "ingest_store"):
         if getattr(args, key, None) is not None:
             changes[key] = getattr(args, key)
     config = dataclasses.replace(config, **changes)
@@ -112,7 +116,13 @@ def main(args: argparse.Namespace) -> int:
 
         from inspection.review.app import create_app
 
-        logger.info("review app on http://%s:%d (store %s)", config.host, config.port, config.store)
+        logger.info(
+            "review app on http://%s:%d (store %s%s)",
+            config.host,
+            config.port,
+            config.store,
+            f", label conflicts of {config.ingest_store}" if config.ingest_store else "",
+        )
         uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
         return 0
     if args.action == "user":

@@ -27,6 +27,12 @@ class ReviewConfig:
     max_login_failures: int = 5  # per user name inside the lockout window, then logins are refused ...
     login_lockout_s: float = 300.0  # ... for this long: enough to stop guessing, short enough not to block a shift
     stats_default_hours: float = 24.0  # the statistics page covers the last day (hourly bars) unless asked otherwise
+    # photos of one part id at one station taken within this many seconds of its first photo are one part in the
+    # queue (a re-shot, a burst of repeats): QA decides once for all of them; 0 keeps every photo on its own
+    part_window_s: float = 600.0
+    # an ingest store (folder with manifest.sqlite): its parts whose photos carry both labels get their own queue,
+    # where one decision relabels every photo of the part for the next retrain; None hides that queue
+    ingest_store: str | None = None
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -52,3 +58,5 @@ class ReviewConfig:
             ) from None
         if self.stats_default_hours <= 0:
             raise ConfigError(f"review.stats_default_hours: got {self.stats_default_hours}, must be > 0")
+        if not 0 <= self.part_window_s <= 7 * 24 * 3600:
+            raise ConfigError(f"review.part_window_s: got {self.part_window_s}, allowed 0..604800 (a week)")

@@ -11,6 +11,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from inspection.decisions import DecisionStore
 from inspection.images import encode_png
 from inspection.schemas import InspectionResult, Thresholds, Verdict
-from inspection.synth import render_part
+from inspection.synth import DEFECT_FOLDER, OK_FOLDER, render_part
 from inspection.thresholds import verdict_for
 
 logger = logging.getLogger(__name__)
@@ -96,3 +97,30 @@ def seed_store(
         store.url.split("@")[-1],
     )
     return made
+
+
+def write_mixed_label_folder(out: Path, n_parts: int = 6, copies: int = 3, seed: int = 0) -> dict[str, int]:
+    """A def_front/ok_front drop folder of `n_parts` synthetic parts, each photographed `copies` times (turned by
+    90 degrees and mirrored), where the first part's copies sit in both folders: after `inspection ingest` it is
+    one physical part labelled both ways, as on the real line. Returns {"defect": k, "ok": m} photos written."""
+    if n_parts < 2 or not 2 <= copies <= 8:
+        raise ValueError(f"need at least 2 parts and 2..8 copies each, got {n_parts} parts x {copies} copies")
+    rng = np.random.default_rng(seed)
+    counts = {"defect": 0, "ok": 0}
+    for folder in (DEFECT_FOLDER, OK_FOLDER):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    for part in range(n_parts):
+        defect = part % 2 == 0
+        image, _ = render_part(rng, defect, 300)
+        for k in range(copies):
+            view = np.rot90(image, k % 4)
+            if (k % 2 == 1) != (k >= 4):  # the 8 turns and mirror images of the part, each once
+                view = view[:, ::-1]
+            # part 0: its first copy is filed as defect, the others as ok, whatever it really is
+            label = ("defect" if k == 0 else "ok") if part == 0 else ("defect" if defect else "ok")
+            folder = DEFECT_FOLDER if label == "defect" else OK_FOLDER
+            path = out / folder / f"part{part:02d}_view{k}.png"
+            path.write_bytes(encode_png(np.ascontiguousarray(view)))
+            counts[label] += 1
+    logger.info("wrote %d parts x %d views into %s (part 0 labelled both ways)", n_parts, copies, out)
+    return counts

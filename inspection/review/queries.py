@@ -126,7 +126,7 @@ def effective_subquery() -> Subquery:
     )
 
 
-def _queue_select(filters: QueueFilters) -> tuple[Select, Subquery, Any]:
+def _queue_select(filters: QueueFilters, flagged_only: bool = True) -> tuple[Select, Subquery, Any]:
     eff = effective_subquery()
     decision = reviews.alias("decision")
     stmt = (
@@ -140,7 +140,7 @@ def _queue_select(filters: QueueFilters) -> tuple[Select, Subquery, Any]:
         .select_from(inspections)
         .outerjoin(eff, eff.c.request_id == inspections.c.request_id)
         .outerjoin(decision, decision.c.id == eff.c.effective_id)
-        .where(*_filter_clauses(filters))
+        .where(*_filter_clauses(filters, flagged_only))
     )
     if filters.status == "waiting":
         stmt = stmt.where(decision.c.id.is_(None))
@@ -149,8 +149,8 @@ def _queue_select(filters: QueueFilters) -> tuple[Select, Subquery, Any]:
     return stmt, eff, decision
 
 
-def _filter_clauses(filters: QueueFilters) -> list[ColumnElement[bool]]:
-    clauses: list[ColumnElement[bool]] = [inspections.c.verdict.in_(FLAGGED_VERDICTS)]
+def _filter_clauses(filters: QueueFilters, flagged_only: bool = True) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = [inspections.c.verdict.in_(FLAGGED_VERDICTS)] if flagged_only else []
     if filters.verdict:
         clauses.append(inspections.c.verdict == filters.verdict)
     if filters.station:

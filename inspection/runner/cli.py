@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -33,6 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--watch", type=Path, help="camera drop folder to watch (folder mode)")
     serve.add_argument("--store", help="decision store: directory, .sqlite file or database URL")
     serve.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish verdicts to this MQTT broker")
+    serve.add_argument("--opcua", metavar="opc.tcp://HOST:PORT", help="serve OPC UA for the PLC (off by default)")
+    serve.add_argument(
+        "--opcua-insecure", action="store_true", help="LAB ONLY: also SecurityPolicy None and anonymous sessions"
+    )
+    serve.add_argument("--opcua-users", type=Path, metavar="FILE", help="OPC UA users file (name:argon2-hash lines)")
+    serve.add_argument(
+        "--opcua-image-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder Inspect(part_id, image_path) may read from (repeatable)",
+    )
+    user = sub.add_parser("opcua-user", help="add or replace an OPC UA user (argon2 hash) in a users file")
+    user.add_argument("name")
+    user.add_argument("--users-file", type=Path, required=True, metavar="FILE")
+    user.add_argument("--password-stdin", action="store_true", help="read the password from stdin (no prompt)")
     inspect.add_argument("files", nargs="+", type=Path)
 
 
@@ -55,6 +74,14 @@ def build_config(args: argparse.Namespace) -> RunnerConfig:
         overrides.append(f"mqtt.host={host}")
         if port:
             overrides.append(f"mqtt.port={port}")
+    if getattr(args, "opcua", None):
+        overrides.append(f"opcua.endpoint={args.opcua}")
+    if getattr(args, "opcua_insecure", False):
+        overrides.append("opcua.insecure=true")
+    if getattr(args, "opcua_users", None):
+        overrides.append(f"opcua.users_file={args.opcua_users}")
+    if getattr(args, "opcua_image_root", None):
+        overrides.append(f"opcua.image_roots=[{', '.join(json.dumps(str(p)) for p in args.opcua_image_root)}]")
     config = load_config(RunnerConfig, args.config, overrides)
     if config.registry is None:
         raise ConfigError("no model registry: pass --registry DIR or set registry in the config")
@@ -107,7 +134,23 @@ def _inspect_files(config: RunnerConfig, files: list[Path]) -> int:
     return 0
 
 
+def _opcua_user(args: argparse.Namespace) -> int:
+    from inspection.runner.opcua.security import write_user
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for OPC UA user {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the two passwords differ")
+    write_user(args.users_file, args.name, password)
+    logger.info("OPC UA user %s written to %s (mode 0600)", args.name, args.users_file)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.action == "opcua-user":
+        return _opcua_user(args)
     config = build_config(args)
     if args.action == "inspect":
         return _inspect_files(config, args.files)

@@ -11,6 +11,8 @@ from inspection.errors import ConfigError
 from inspection.images import ImageLimits
 
 TOKEN_ENV = "INSPECTION_RUNNER_TOKEN"
+OPCUA_USER_ENV = "INSPECTION_OPCUA_USER"  # one OPC UA user from the environment (containers, systemd credentials)
+OPCUA_PASSWORD_ENV = "INSPECTION_OPCUA_PASSWORD"
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -50,6 +52,26 @@ class MqttConfig:
     username: str | None = None
     password: str | None = None
     keepalive_s: int = 30
+    # the outbox (verdicts waiting in the decision store until the broker has acknowledged them, outbox.py)
+    outbox_batch: int = 100  # rows published before waiting for their PUBACKs: drains a backlog fast, in order
+    outbox_poll_s: float = 0.5  # re-check the outbox (and the backlog gauge) this often when nothing wakes it
+    outbox_max_rows: int = 1_000_000  # ~0.6 GB of SQLite: past this the oldest are dropped (logged, counted)
+
+
+@dataclass(frozen=True)
+class OpcUaConfig:
+    endpoint: str | None = None  # e.g. opc.tcp://0.0.0.0:4840; None: no OPC UA server
+    insecure: bool = False  # lab only: also SecurityPolicy None and anonymous sessions (logged as a WARNING)
+    users_file: Path | None = None  # lines "name:argon2-hash" (inspection runner opcua-user); plus the env user
+    cert_dir: Path | None = None  # server certificate + private key; default <media dir of the store>/opcua
+    trusted_clients: Path | None = None  # folder of client certificates (DER/PEM); None: any client cert + a user
+    stations: tuple[str, ...] = ()  # one object per station; default: the runner's own station
+    image_roots: tuple[Path, ...] = ()  # Inspect(part_id, image_path) reads only below these; none: by path refused
+    namespace: str = "urn:inspection:runner"  # namespace URI of our nodes (clients resolve its index by URI)
+    application_uri: str | None = None  # default urn:<hostname>:inspection:runner (also in the certificate)
+    hostnames: tuple[str, ...] = ()  # extra DNS names / IPs for the certificate (the hostname is always in)
+    cert_days: int = 1825  # self-signed, made on first start; renewed (new file) only when it expires
+    state_poll_s: float = 0.5  # how fast State/ModelVersion/DriftAlarm follow a model swap or a drift alarm
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,7 @@ class RunnerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
+    opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
     drift_enabled: bool = True  # watch brightness/contrast/score/verdict mix against the model's reference
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -114,9 +137,28 @@ class RunnerConfig:
             raise ConfigError(f"threads must be ≥ 1 or null, got {self.threads}")
         if self.mqtt.qos not in (0, 1, 2):
             raise ConfigError(f"mqtt.qos must be 0, 1 or 2, got {self.mqtt.qos}")
+        if self.mqtt.outbox_batch < 1 or self.mqtt.outbox_max_rows < 1 or self.mqtt.outbox_poll_s <= 0:
+            raise ConfigError("mqtt.outbox_batch and mqtt.outbox_max_rows must be ≥ 1, mqtt.outbox_poll_s > 0")
+        self._validate_opcua()
         unknown = [p for p in self.providers if not p.endswith("ExecutionProvider")]
         if unknown:
             raise ConfigError(f"providers {unknown} are not onnxruntime provider names (e.g. CPUExecutionProvider)")
+
+    def _validate_opcua(self) -> None:
+        for station in self.opcua.stations:
+            if not station or any(c in station for c in "/+#") or not station.isprintable():
+                raise ConfigError(f"opcua.stations: {station!r} must be non-empty and contain no '/', '+' or '#'")
+        if self.opcua.cert_days < 1 or self.opcua.state_poll_s <= 0:
+            raise ConfigError("opcua.cert_days must be ≥ 1 and opcua.state_poll_s > 0")
+        ep = self.opcua.endpoint
+        if ep is not None:
+            host, _, port = ep.removeprefix("opc.tcp://").partition("/")[0].rpartition(":")
+            if not ep.startswith("opc.tcp://") or not host or not port.isdigit():
+                raise ConfigError(f"opcua.endpoint {ep!r} must look like opc.tcp://HOST:PORT (opc.tcp://0.0.0.0:4840)")
+
+    @property
+    def opcua_stations(self) -> tuple[str, ...]:
+        return self.opcua.stations or (self.station,)
 
     @property
     def image_limits(self) -> ImageLimits:

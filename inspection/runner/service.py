@@ -88,6 +88,7 @@ class Pending:
     t0: float
     data: bytes
     sha256: str
+    source: str = "http"  # decision store / metrics label: "http" or "opcua"
     _owner: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def claim(self) -> bool:
@@ -127,6 +128,7 @@ class Runtime:
     folder: Any = None  # FolderWatcher when a drop folder is configured
     drift: Any = None  # DriftMonitor of the serving version (rebuilt when a swap changes the version)
     drift_version: str | None = None
+    opcua: Any = None  # OpcUaServer when opcua.endpoint is set
 
     @classmethod
     def build(cls, config: RunnerConfig) -> Runtime:
@@ -164,13 +166,17 @@ class Runtime:
         if config.mqtt.host:
             from inspection.runner.mqtt import MqttPublisher
 
-            publisher = MqttPublisher(config.mqtt, config.station, metrics)
+            publisher = MqttPublisher(config.mqtt, config.station, store, metrics)
         rt = cls(config, store, metrics, holder, batcher, swapper, publisher)
         batcher.finish = rt.finish_batch  # decide and store each batch in the worker, one transaction
         if config.folder.watch is not None:
             from inspection.runner.folder import FolderWatcher
 
             rt.folder = FolderWatcher(rt)
+        if config.opcua.endpoint:
+            from inspection.runner.opcua import OpcUaServer
+
+            rt.opcua = OpcUaServer(rt)  # checks users and certificates now: a bad setup stops the start
         return rt
 
     def start(self) -> None:
@@ -185,8 +191,12 @@ class Runtime:
                 threading.Thread(target=self.swapper.check, name="model-load", daemon=True).start()
         if self.folder is not None:
             self.folder.start()
+        if self.opcua is not None:
+            self.opcua.start()
 
     def stop(self) -> None:
+        if self.opcua is not None:
+            self.opcua.stop()
         if self.folder is not None:
             self.folder.stop()
         if self.swapper is not None:
@@ -254,7 +264,7 @@ class Runtime:
         }
         stored = True
         try:
-            self.store.record_many([(results[i], pending[i].data, preds[i].heatmap, "http") for i in owned])
+            self.store.record_many([(results[i], pending[i].data, preds[i].heatmap, pending[i].source) for i in owned])
         except Exception:
             logger.exception("decision store write failed for %d parts: answering 503 + review", len(owned))
             self.metrics.errors.labels("store").inc(len(owned))
@@ -265,7 +275,7 @@ class Runtime:
             if not stored:
                 continue
             try:  # the decision is stored: telemetry trouble must not turn it into an error
-                self.after_record(results[i], "http")
+                self.after_record(results[i], pending[i].source)
                 self.observe_drift(images[i], preds[i].score, results[i].verdict.value, preds[i].version)
             except Exception:
                 logger.exception("metrics/MQTT/drift failed after storing %s", results[i].request_id)
@@ -291,7 +301,7 @@ class Runtime:
         self.metrics.latency.labels(source).observe(result.latency_ms / 1000.0)
         self.metrics.verdicts.labels(result.verdict.value, source).inc()
         if self.publisher is not None:
-            self.publisher.publish(result)
+            self.publisher.notify(result)  # the verdict is in the store's outbox: wake the MQTT relay
 
 
 def _token_checker(config: RunnerConfig, scope: str):

@@ -1,5 +1,6 @@
-"""`inspection train --config FILE [--data DATA] [--mode head|partial|full] [--from-scratch] [--weights FILE]
-[--backbone NAME] [--resume] --out RUN_DIR [key=value ...]`: fine-tune into a run directory.
+"""`inspection train --config FILE [--data DATA] [--mode head|partial|full] [--exclude REGISTRY]
+[--validation crossfit|split] [--from-scratch] [--weights FILE] [--backbone NAME] [--resume] --out RUN_DIR
+[key=value ...]`: fine-tune into a run directory.
 
 Prints a JSON summary (run dir, thresholds, val/test metrics, timing) on stdout; the log is for people.
 """
@@ -22,6 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", default=None, help="store folder, manifest.sqlite or def_front/ok_front folder")
     parser.add_argument("--mode", choices=("head", "partial", "full"), default=None, help="fine-tuning mode")
+    parser.add_argument(
+        "--exclude",
+        default=None,
+        help="registry folder (or its golden.json): its golden parts never reach training or calibration",
+    )
+    parser.add_argument(
+        "--validation",
+        choices=("crossfit", "split"),
+        default=None,
+        help="crossfit (default): K folds by part; split: the store's train/val/test (faster, fewer parts)",
+    )
     parser.add_argument("--from-scratch", action="store_true", help="random initialisation instead of ImageNet")
     parser.add_argument("--weights", default=None, help="local weights file for --backbone (never downloaded)")
     parser.add_argument("--backbone", default=None, help="timm backbone name (default tf_efficientnet_lite0)")
@@ -34,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from inspection.train.config import TrainConfig
+    from inspection.train.evaluate import part_report_rows
     from inspection.train.trainer import run_train
 
     overrides = list(args.overrides)
@@ -50,6 +63,10 @@ def main(args: argparse.Namespace) -> int:
         overrides.append("resume=true")
     if args.data:
         overrides.append(f"data={args.data}")
+    if args.exclude:
+        overrides.append(f"exclude={args.exclude}")
+    if args.validation:
+        overrides.append(f"validation={args.validation}")
     config = load_config(TrainConfig, args.config, overrides)
     result = run_train(config, Path(config.data) if config.data else None, args.out)
     summary = {
@@ -62,6 +79,8 @@ def main(args: argparse.Namespace) -> int:
         "epochs_run": result.epochs_run,
         "train_seconds": round(result.train_seconds, 2),
         "images_per_second": round(result.images_per_second, 1),
+        "per_part": {split: part_report_rows(report) for split, report in result.parts.items()},
+        "excluded": result.excluded,
     }
     print(json.dumps(summary, indent=2))
     return 0

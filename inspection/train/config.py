@@ -56,7 +56,17 @@ class TrainConfig:
     weights: str | None = None  # local weights file for backbones other than tf_efficientnet_lite0
     input_size: int = 224  # the weights were trained at 224; smaller is faster on a CPU
     dropout: float = 0.2  # before the linear head
-    mode: Literal["head", "partial", "full"] = "partial"  # partial is the best accuracy/time trade-off on a CPU
+    mode: Literal["head", "partial", "full"] = "partial"  # configs/train.yaml: head on tapped multi-stage features
+    taps: tuple[int, ...] = ()  # backbone stages whose pooled outputs the head reads besides the last features
+    # (configs/train.yaml: 2-6); the heatmap then combines their class-activation maps on a 1/16 grid
+    validation: Literal["crossfit", "split"] = "crossfit"  # crossfit: K folds by part, thresholds from all
+    # out-of-fold scores, the final model fitted on every labelled part; split: the store's train/val/test
+    folds: int = 5  # crossfit: folds (whole parts, label-stratified)
+    head_solver: Literal["lbfgs", "adamw"] = "lbfgs"  # head mode: convex L2 logistic regression, or the AdamW loop
+    head_c: float = 0.01  # lbfgs: inverse L2 strength on standardised features (grouped CV: 0.01-0.03 best)
+    calibration: Literal["platt", "none"] = "platt"  # scale logits so a score is a probability (fitted out of fold)
+    exclude: str | None = None  # registry folder or golden.json: its parts never reach training or calibration
+    frozen_engine: Literal["auto", "onnxruntime", "torch"] = "auto"  # auto: onnxruntime on the CPU, torch on CUDA
     trainable_blocks: int = 2  # partial: last N backbone stages (plus conv_head) are trained
     epochs: int = 8  # partial/full: few epochs suffice from ImageNet features
     head_epochs: int = 60  # head mode trains on cached features: an epoch costs milliseconds
@@ -131,5 +141,13 @@ class TrainConfig:
             )
         if self.max_per_class is not None and self.max_per_class < 1:
             raise ConfigError(f"max_per_class: got {self.max_per_class}, allowed >= 1 or null")
+        if self.folds < 2:
+            raise ConfigError(f"folds: got {self.folds}, allowed >= 2")
+        if not self.head_c > 0:
+            raise ConfigError(f"head_c: got {self.head_c}, allowed > 0")
+        if self.validation not in ("crossfit", "split"):
+            raise ConfigError(f"validation: got {self.validation!r}, allowed: crossfit, split")
+        if any(t < 0 for t in self.taps):
+            raise ConfigError(f"taps: got {list(self.taps)}, allowed backbone stage indices >= 0")
         if self.weights is not None and not self.pretrained:
             raise ConfigError("weights is set but pretrained is false: drop --from-scratch or the weights file")

@@ -22,6 +22,7 @@ from inspection.train.data import make_sample
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "checkpoint.pt", "model_card.json", "samples.json")
+TRAINING_SET_FILE = "training_set.json"  # the same name as inspection.registry.TRAINING_SET_FILE
 
 
 @dataclass
@@ -45,6 +46,7 @@ def checkpoint_payload(net: InspectionNet, config: TrainConfig, epoch: int) -> d
         "mode": config.mode,
         "epoch": int(epoch),
         "num_features": int(net.head.in_features),
+        "taps": list(net.taps),
     }
 
 
@@ -72,13 +74,19 @@ def write_run(
         for split, items in splits.items()
     }
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
+    # every photo and part that shaped the model (trained on or calibrated on): the registry's gate refuses a
+    # version whose training set touches the golden set
+    seen = [s for split in ("train", "val") for s in splits.get(split, [])]
+    training_set = {"sha256": sorted({s.sha256 for s in seen}), "group_id": sorted({s.group_id for s in seen})}
+    (out / TRAINING_SET_FILE).write_text(json.dumps(training_set))
 
 
 def net_from_checkpoint(ckpt: dict[str, Any]) -> InspectionNet:
     """Rebuild the network from checkpoint.pt without any weights download or pretrained file."""
     body = create_backbone(ckpt["backbone"], pretrained=False)
     preprocess = PreprocessConfig.from_dict(ckpt["preprocess"])
-    net = InspectionNet(body, int(body.num_features), preprocess, dropout=float(ckpt.get("dropout", 0.2)))
+    taps = tuple(ckpt.get("taps", ()))  # runs written before taps existed read the last features only
+    net = InspectionNet(body, int(body.num_features), preprocess, dropout=float(ckpt.get("dropout", 0.2)), taps=taps)
     net.load_state_dict(ckpt["model_state"], strict=True)
     return net.eval()
 

@@ -1,6 +1,9 @@
-"""The Prefect flows end to end on synthetic castings with a tiny model, under a temporary Prefect server.
+"""The Prefect flows end to end on synthetic castings, under a temporary Prefect server.
 
-One module-scoped plant (store, runs, registry) goes through the flows in order, as the nightly `retrain` would.
+Each test builds its own plant (camera share, store, registry, decision store) and needs no other test before it.
+Where a test needs a production model of known quality it registers `known_export` (tests/fixtures/model.py), whose
+verdicts on the synthetic parts are fixed by construction; models trained here by the flows (the tiny network of
+configs/train_tiny.yaml) are judged by the gate, but no assertion hinges on what they happened to learn.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ def harness():
         yield
 
 
-@pytest.fixture(scope="module")
-def plant(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("plant")
+@pytest.fixture
+def plant(synth_dir: Path, tmp_path: Path) -> dict[str, Path]:
+    """A fresh plant for one test: its camera share (a copy of the synthetic castings) and where its store, runs,
+    registry and decision store go (not created)."""
+    root = tmp_path / "plant"
     incoming = root / "incoming"
     shutil.copytree(synth_dir, incoming)
     return {
@@ -74,16 +79,25 @@ def test_ingest_flow_rejects_bad_parameters(harness, plant) -> None:
         ingest_flow(sources="not-a-list-of-folders", store=str(plant["store"]))  # type: ignore[arg-type]
 
 
-def test_train_export_deploy_flows(harness, plant) -> None:
+def test_train_export_deploy_flows(harness, plant, synth_store: Path) -> None:
     from flows.deploy_flow import deploy_flow
     from flows.export_register_flow import export_and_register_flow
     from flows.train_flow import train_flow
     from inspection.registry import Registry, RegistryConfig
 
-    # the operator sets the registry up once; the tiny test model is far from line-ready, so its first-model
-    # false-reject limit is opened (the relative gate against production stays as strict as configured)
-    Registry.init(plant["registry"], RegistryConfig(golden_set=str(plant["store"]), max_false_reject_rate=1.0))
-    run_dir = train_flow(store=str(plant["store"]), out=str(plant["runs"] / "first"), mode="full", config=TINY)
+    # This test is about the flows handing a run on to a registered, gated, promoted version, not about how well a
+    # tiny network learns in a few epochs on this CPU: the operator opens the first-model limits, so the gate runs
+    # (and reports its figures) but its answer does not hinge on the training. The limits themselves are tested with
+    # a model of known quality in tests/unit/test_registry.py and below.
+    open_limits = RegistryConfig(golden_set=str(synth_store), max_escape_rate=1.0, max_false_reject_rate=1.0)
+    Registry.init(plant["registry"], open_limits)
+    run_dir = train_flow(
+        store=str(synth_store),
+        out=str(plant["runs"] / "first"),
+        mode="full",
+        config=TINY,
+        registry=str(plant["registry"]),
+    )  # with the registry: its golden parts stay out of training
     assert (Path(run_dir) / "checkpoint.pt").is_file()
     assert "accuracy" in _artifact("train-metrics").data
     assert "# Model" in _artifact("model-card").data
@@ -91,25 +105,32 @@ def test_train_export_deploy_flows(harness, plant) -> None:
     reg = Registry(plant["registry"])
     assert version in reg.versions()
     report = deploy_flow(registry=str(plant["registry"]), version=version, reason="first model")
-    assert report["promoted"], report
+    assert report["promoted"] and not report["forced"], report
+    assert set(report["candidate"]) >= {"escape_rate", "false_reject_rate"}, report
     assert reg.alias("production") == version
 
 
-def test_failed_gate_leaves_production_untouched(harness, plant, tmp_path) -> None:
-    """A candidate that lets every defect pass is refused; production and its history entry stay as they were."""
+def test_failed_gate_leaves_production_untouched(
+    harness, plant, known_export: Path, synth_store: Path, tmp_path
+) -> None:
+    """A model of known quality passes the shipped gate through the flow; a candidate that lets every defect pass is
+    refused, and production and its history stay as they were."""
     from flows.deploy_flow import deploy_flow
-    from inspection.registry import Registry
+    from inspection.registry import Registry, RegistryConfig
 
-    reg = Registry(plant["registry"])
-    production = reg.alias("production")
-    assert production is not None, "needs test_train_export_deploy_flows first"
+    reg = Registry.init(plant["registry"], RegistryConfig(golden_set=str(synth_store)))
+    production = reg.register(known_export)
+    first = deploy_flow(registry=str(plant["registry"]), version=production, reason="first model")
+    assert first["promoted"] and not first["forced"], first
+    assert reg.alias("production") == production
     bad = _register_blind_candidate(reg, production, tmp_path)
     n_history = len(reg.history())
     report = deploy_flow(registry=str(plant["registry"]), version=bad, reason="should be refused")
     assert not report["promoted"]
-    assert report["reason"]
+    assert "escape rate" in report["reason"], report["reason"]
     assert reg.alias("production") == production
     assert len(reg.history()) >= n_history  # the refusal may be logged, but nothing is rolled over
+    assert [h["action"] for h in reg.history() if h["action"] == "promote"] == ["promote"]
 
 
 def _register_blind_candidate(reg, production: str, tmp_path: Path) -> str:
@@ -168,19 +189,23 @@ def _review_app_decision(decisions: Path, request_id: str, action: str) -> None:
         assert r.status_code in (200, 303), r.text
 
 
-def test_retrain_picks_up_a_review_and_the_promoted_model_reaches_a_running_runner(harness, plant) -> None:
+def test_retrain_picks_up_a_review_and_the_promoted_model_reaches_a_running_runner(
+    harness, plant, known_export: Path
+) -> None:
     """A line image flagged by the runner and overridden in the review app becomes an `ok` training label;
     `retrain` trains, registers and promotes a new version, and the running runner swaps to it."""
     from flows.retrain_flow import retrain_flow
     from inspection.config import load_config
-    from inspection.ingest import read_records
-    from inspection.registry import Registry
+    from inspection.images import read_image
+    from inspection.ingest import IngestConfig, read_records, run_ingest
+    from inspection.registry import Registry, RegistryConfig
     from inspection.runner import RunnerConfig, create_app
-    from inspection.synth import render_part
+    from inspection.synth import DEFECT_FOLDER, render_part
 
-    reg = Registry(plant["registry"])
-    before = reg.alias("production")
-    assert before is not None, "needs test_train_export_deploy_flows first"
+    run_ingest(IngestConfig(progress=False), [plant["incoming"]], plant["store"])
+    reg = Registry.init(plant["registry"], RegistryConfig(golden_set=str(plant["store"])))
+    before = reg.register(known_export)
+    assert reg.promote(before, reason="known model in production").promoted
     config = load_config(
         RunnerConfig,
         None,
@@ -190,17 +215,14 @@ def test_retrain_picks_up_a_review_and_the_promoted_model_reaches_a_running_runn
     headers = {"Authorization": "Bearer t0ken", "Content-Type": "image/png"}
     with serve_in_thread(create_app(config)) as base:
         _wait(lambda: httpx.get(f"{base}/readyz").status_code == 200)
-        # the line sends parts until one is flagged (the tiny model flags plenty of these)
-        flagged = None
-        for i in range(40):
-            image, _ = render_part(__import__("numpy").random.default_rng(1000 + i), defect=True)
-            body = encode_png(image)
-            r = httpx.post(f"{base}/v1/inspect", params={"part_id": f"p{i}"}, content=body, headers=headers)
-            assert r.status_code == 200, r.text
-            if r.json()["verdict"] != "pass":
-                flagged = r.json()
-                break
-        assert flagged is not None, "no part was flagged"
+        # the line photographs a known defective part again (one pixel differs: a new image to the store); the
+        # known model rejects it by construction
+        image = read_image(sorted((plant["incoming"] / DEFECT_FOLDER).glob("*.png"))[0]).copy()
+        image[0, 0] = image[0, 0] ^ 1
+        r = httpx.post(f"{base}/v1/inspect", params={"part_id": "p0"}, content=encode_png(image), headers=headers)
+        assert r.status_code == 200, r.text
+        flagged = r.json()
+        assert flagged["verdict"] == "reject", flagged
         assert flagged["model_version"] == before
 
         _review_app_decision(plant["decisions"], flagged["request_id"], "override_ok")

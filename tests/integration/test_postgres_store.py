@@ -65,7 +65,10 @@ def pg_server() -> Iterator[tuple[int, Path]]:
     """A PostgreSQL cluster in a temp dir, trust auth on loopback only; stopped and removed afterwards."""
     bin_dir = _server_bin_dir()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb) not found: install the Debian package `postgresql`")
+        pytest.fail(
+            "PostgreSQL server binaries (initdb) not found: run `make test` or deploy/install_test_servers.sh "
+            "(Debian package `postgresql`)"
+        )
     # PostgreSQL refuses to run as root: run the server as `nobody` then, in a directory it owns.
     as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
     root = Path(tempfile.mkdtemp(prefix="inspection-pg-"))

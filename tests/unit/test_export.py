@@ -83,7 +83,7 @@ def test_run_drift_reference_ships_with_the_export(tiny_run: Path, tmp_path: Pat
     many = (samples * 3)[:30]
     write_run_drift_reference(run, many, np.tile(scores, 3)[:30], thresholds, "v")
     reference = DriftReference.load(run / REFERENCE_FILE)
-    assert reference.n == 30 and reference.source == "v on its val split"
+    assert reference.n == 30 and reference.source == "v on its calibration photos"
     out = tmp_path / "export"
     export_onnx(ExportConfig(measure_latency=False), run, out)
     assert (out / REFERENCE_FILE).read_bytes() == (run / REFERENCE_FILE).read_bytes()

@@ -12,10 +12,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from inspection.decisions import DecisionStore, inspections, reviews
+from inspection.ingest import IngestConfig, run_ingest
 from inspection.review import ReviewConfig, create_app
 from inspection.review import queries as q
 from inspection.review.auth import SESSION_COOKIE
-from inspection.review.demo import seed_store
+from inspection.review.demo import seed_store, write_mixed_label_folder
 
 PASSWORD = "correct horse battery"
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
@@ -25,15 +26,28 @@ NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
 def env(tmp_path: Path):
     store = DecisionStore(tmp_path / "store")
     parts = [p for p in seed_store(store, n=5, n_pass=2, seed=2, now=NOW) if p.verdict != "pass"]
+    # an ingest store with one part labelled both ways, so the conflict routes have something to guard
+    write_mixed_label_folder(tmp_path / "drop", n_parts=3, copies=2)
+    run_ingest(IngestConfig(progress=False, workers=1), [tmp_path / "drop"], tmp_path / "ingest")
     # a cheap argon2 profile keeps the tests quick; the production profile is tested in test_review_auth.py
     config = ReviewConfig(
-        store=str(tmp_path / "store"), max_login_failures=3, password_time_cost=1, password_memory_kib=1024
+        store=str(tmp_path / "store"),
+        max_login_failures=3,
+        password_time_cost=1,
+        password_memory_kib=1024,
+        ingest_store=str(tmp_path / "ingest"),
     )
     app = create_app(config, store=store)
     app.state.auth.add_user("rita", PASSWORD, "reviewer")
     app.state.auth.add_user("adam", PASSWORD, "admin")
     yield app, store, [p.request_id for p in parts]
     store.close()
+
+
+def _conflict(app) -> tuple[str, str]:
+    """(group id, sha256 of one of its photos) of the env's label conflict."""
+    conflict = app.state.web.conflicts.all()[0]
+    return conflict.group_id, conflict.photos[0][0]
 
 
 def _csrf(html: str) -> str:
@@ -205,8 +219,13 @@ def test_admin_adds_and_disables_users_from_the_page(env) -> None:
 # -- security ----------------------------------------------------------------------------------------------
 
 
-def _route_calls(ids: list[str]) -> list[tuple[str, str]]:
+def _route_calls(ids: list[str], conflict: tuple[str, str]) -> list[tuple[str, str]]:
+    group, sha = conflict
     return [
+        ("GET", "/conflicts"),
+        ("GET", f"/conflicts/{group}"),
+        ("GET", f"/conflicts/{group}/photos/{sha}"),
+        ("POST", f"/conflicts/{group}/decision"),
         ("GET", "/"),
         ("GET", "/queue"),
         ("GET", f"/parts/{ids[0]}"),
@@ -227,9 +246,13 @@ def _route_calls(ids: list[str]) -> list[tuple[str, str]]:
 
 def test_every_route_is_covered_by_the_security_tests(env) -> None:
     app, _, ids = env
-    covered = {
-        (m, re.sub(r"[0-9a-f]{32}", "{request_id}", p).replace("/rita", "/{username}")) for m, p in _route_calls(ids)
-    }
+    group, sha = _conflict(app)
+
+    def pattern(path: str) -> str:
+        path = path.replace(sha, "{sha256}").replace(f"/conflicts/{group}", "/conflicts/{group_id}")
+        return re.sub(r"[0-9a-f]{32}", "{request_id}", path).replace("/rita", "/{username}")
+
+    covered = {(m, pattern(p)) for m, p in _route_calls(ids, _conflict(app))}
     routes = {
         (method, route.path)
         for route in app.routes
@@ -242,7 +265,7 @@ def test_every_route_is_covered_by_the_security_tests(env) -> None:
 def test_nothing_without_a_session(env) -> None:
     app, store, ids = env
     client = TestClient(app)
-    for method, path in _route_calls(ids):
+    for method, path in _route_calls(ids, _conflict(app)):
         r = client.request(
             method,
             path,
@@ -252,6 +275,7 @@ def test_nothing_without_a_session(env) -> None:
                 "password": PASSWORD * 2,
                 "role": "admin",
                 "change": "disable",
+                "label": "ok",
             },
             follow_redirects=False,
         )
@@ -262,6 +286,7 @@ def test_nothing_without_a_session(env) -> None:
             assert "image" not in r.headers.get("content-type", "")
     assert n_reviews(store) == 0
     assert app.state.auth.get_user("x") is None and app.state.auth.get_user("rita").active
+    assert len(app.state.web.conflicts.all()) == 1  # nothing was relabelled
 
 
 def test_forged_or_tampered_cookie_is_no_session(env) -> None:
@@ -283,12 +308,14 @@ def test_post_without_or_with_a_wrong_csrf_token_is_refused(env) -> None:
             ("/undo", {}),
             ("/admin/users", {"username": "mallory", "password": PASSWORD, "role": "admin"}),
             ("/admin/users/rita", {"change": "disable"}),
+            (f"/conflicts/{_conflict(app)[0]}/decision", {"label": "ok"}),
             ("/logout", {}),
         ):
             r = client.post(path, data={**data, **extra}, follow_redirects=False)
             assert r.status_code == 403, (path, data)
     assert n_reviews(store) == 0
     assert app.state.auth.get_user("mallory") is None and app.state.auth.get_user("rita").active
+    assert len(app.state.web.conflicts.all()) == 1
     assert client.get("/queue").status_code == 200  # the logout without a token did not log out
     # the header form of the token (for scripts) is accepted
     r = client.post("/undo", headers={"X-CSRF-Token": token}, follow_redirects=False)

@@ -226,7 +226,7 @@ def test_load_run_reproduces_the_calibrated_thresholds(tiny_run: Path):
 
 
 def test_resume_continues_where_an_interrupted_run_stopped(synth_store: Path, tmp_path: Path, monkeypatch):
-    import inspection.train.trainer as trainer
+    import inspection.train.loop as trainer
 
     config = tiny_config(epochs=3, patience=10, plots=False, augment=tiny_config().augment)
     full = run_train(config, synth_store, tmp_path / "a")

@@ -51,7 +51,7 @@
     window.location.href = row.dataset.href;
   }));
   const queueKey = (key) => {
-    if (body.dataset.page !== "queue" || !rows.length) return false;
+    if (!["queue", "conflicts"].includes(body.dataset.page) || !rows.length) return false;
     if (key === "j") { select(selected + 1); return true; }
     if (key === "k") { select(selected - 1); return true; }
     if ((key === "o" || key === "Enter") && selected >= 0) { window.location.href = rows[selected].dataset.href; return true; }
