@@ -172,7 +172,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", default="bench_out/data_efficiency", type=Path)
-    parser.add_argument("--config", default=ROOT / "configs" / "train.yaml", type=Path)
+    parser.add_argument("--config", default=ROOT / "configs" / "train_split_partial.yaml", type=Path)
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="logreg,head_aug,scratch")

@@ -63,7 +63,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="ingested store or def_front/ok_front folder")
     parser.add_argument("--out", default="bench_out/train_modes", type=Path)
-    parser.add_argument("--config", default=ROOT / "configs" / "train.yaml", type=Path)
+    parser.add_argument("--config", default=ROOT / "configs" / "train_split_partial.yaml", type=Path)
     parser.add_argument("--modes", default="head,partial,full")
     parser.add_argument("--train-per-class", type=int, default=None, help="subsample train (smoke runs)")
     parser.add_argument("--eval-per-class", type=int, default=None, help="subsample val and test (smoke runs)")

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("inspection.synth_cli", "render built-in demo castings (ok/defect) into a def_front/ok_front folder"),
+    "synth": ("inspection.synth_cli", "render built-in demo parts (castings or --part tile) into def_front/ok_front"),
     "ingest": ("inspection.ingest.cli", "validate, deduplicate, group and split camera images into a manifest"),
     "schemas": ("inspection.schemas_cli", "export or check the JSON data contracts in data_schemas/"),
     "train": ("inspection.train.cli", "fine-tune the pretrained CNN (head | partial | full) into a run directory"),

@@ -14,10 +14,13 @@ once across restarts.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError as SAOperationalError
 
 from inspection.errors import InspectionError
 from inspection.images import decode_image, sniff_format
@@ -128,6 +132,36 @@ class DecisionStoreError(InspectionError):
     """The decision store cannot be used as asked."""
 
 
+class StoreBusyError(DecisionStoreError):
+    """Another writer (the review app, another thread) held the store longer than this write may wait."""
+
+
+BUSY_TIMEOUT_MS = 30_000  # writes without a deadline of their own wait this long for another writer's lock
+
+
+def store_full(exc: BaseException) -> bool:
+    """True when a write failed for lack of space (the database's or the media files' filesystem)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # SQLAlchemy and our own errors wrap the OSError / sqlite3 error
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen).lower()
+        if "database or disk is full" in text or "no space left" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def store_busy(exc: BaseException) -> bool:
+    """True when a write failed only because another writer held the store (retrying at once would wait again)."""
+    if isinstance(exc, StoreBusyError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, SAOperationalError) and ("database is locked" in text or "database is busy" in text)
+
+
 def _as_url(url_or_path: str | Path) -> tuple[str, Path | None]:
     text = str(url_or_path)
     if "://" in text:
@@ -146,9 +180,15 @@ def _utc(value: datetime) -> datetime:
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk fails the write or the close: leave no partial file behind to hold the space
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _unit_map(stored: np.ndarray | None, rel: str) -> np.ndarray:
@@ -305,15 +345,17 @@ class DecisionStore:
         source: str,
         *,
         folder_identity: tuple[str, str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         """Store one decision (and, for review/reject parts, the image bytes and the raw heatmap) durably.
 
         `folder_identity` (identity, file name, destination) marks a dropped file as decided in the same
-        transaction. Raises DecisionStoreError if the request id was already recorded.
+        transaction. Raises DecisionStoreError if the request id was already recorded. `timeout_s` bounds the
+        wait for another writer's lock (StoreBusyError or sqlite's "database is locked" after it).
         """
         row = self._row(result, image_bytes, heatmap, source)
         try:
-            with self._locked(), self.engine.begin() as conn:
+            with self._writing(timeout_s) as conn:
                 conn.execute(insert(inspections), row)
                 self._enqueue_outbox(conn, [result])
                 if folder_identity is not None:
@@ -332,27 +374,51 @@ class DecisionStore:
         except SAIntegrityError as exc:
             raise DecisionStoreError(f"decision {result.request_id} (or its folder file) is already recorded") from exc
 
-    def record_many(self, decisions: Sequence[tuple[InspectionResult, bytes | None, np.ndarray | None, str]]) -> None:
+    def record_many(
+        self,
+        decisions: Sequence[tuple[InspectionResult, bytes | None, np.ndarray | None, str]],
+        timeout_s: float | None = None,
+    ) -> None:
         """Store several decisions (result, image bytes, heatmap, source) in one transaction: all or none.
 
         The runner's micro-batch writes its parts together, so a batch pays for one commit instead of one each.
+        `timeout_s`: as in `record_inspection`.
         """
         if not decisions:
             return
         rows = [self._row(result, data, heatmap, source) for result, data, heatmap, source in decisions]
         try:
-            with self._locked(), self.engine.begin() as conn:
+            with self._writing(timeout_s) as conn:
                 conn.execute(insert(inspections), rows)
                 self._enqueue_outbox(conn, [d[0] for d in decisions])
         except SAIntegrityError as exc:
             ids = [r["request_id"] for r in rows]
             raise DecisionStoreError(f"one of the decisions {ids} is already recorded") from exc
 
-    def _locked(self):
-        return self._write_lock if self._write_lock is not None else _NullLock()
+    @contextlib.contextmanager
+    def _writing(self, timeout_s: float | None = None):
+        """One write transaction. SQLite has one writer at a time: this process's writers queue on a lock, and
+        another process's (the review app's) transaction makes SQLite wait. With `timeout_s` both waits
+        together are bounded by it (a line answer must not wait for a QA export); without it they wait up to
+        BUSY_TIMEOUT_MS. Every write sets its own wait, so a bounded one never leaves a short wait behind."""
+        t0 = time.monotonic()
+        lock = self._write_lock
+        if lock is not None and not lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            raise StoreBusyError(f"the decision store was busy for {timeout_s:.2f} s (another write holds it)")
+        try:
+            with self.engine.begin() as conn:
+                if self.is_sqlite:
+                    wait_ms = BUSY_TIMEOUT_MS
+                    if timeout_s is not None:
+                        wait_ms = max(1, int((timeout_s - (time.monotonic() - t0)) * 1000))
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
+                yield conn
+        finally:
+            if lock is not None:
+                lock.release()
 
     def mark_emitted(self, identity: str) -> None:
-        with self._locked(), self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(update(folder_files).where(folder_files.c.identity == identity).values(emitted=1))
 
     # -- MQTT outbox (the rows of `outbox`; the relay is inspection/runner/outbox.py) -------------------------
@@ -389,7 +455,7 @@ class DecisionStore:
     def outbox_delivered(self, ids: Sequence[int]) -> None:
         if not ids:
             return
-        with self._locked(), self.engine.begin() as conn:
+        with self._writing() as conn:
             conn.execute(delete(outbox).where(outbox.c.id.in_(list(ids))))
 
     def outbox_count(self, producer: str) -> int:
@@ -400,7 +466,7 @@ class DecisionStore:
     def outbox_trim(self, producer: str, max_rows: int) -> int:
         """Drop the oldest rows of `producer` beyond `max_rows` (a broker gone for days must not fill the disk);
         returns how many were dropped."""
-        with self._locked(), self.engine.begin() as conn:
+        with self._writing() as conn:
             keep_from = conn.execute(
                 select(outbox.c.id)
                 .where(outbox.c.producer == producer)
@@ -468,18 +534,10 @@ def result_from_row(row: dict[str, Any]) -> InspectionResult:
     )
 
 
-class _NullLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers (review app) never block the runner's writes
     cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; WAL keeps it consistent
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()

@@ -1,9 +1,9 @@
 """`inspection demo`: the whole pipeline on one machine, start to finish, and a summary a plant engineer reads.
 
-demo castings (or `--data` real photos) -> Prefect `retrain` flow (ingest -> train -> export_and_register ->
-deploy) -> the line-side runner in its own process -> a stream of parts the model never saw, sent over HTTP ->
-verdicts checked against the known truth -> summary (JSON in `OUT/summary.json`, a table on the terminal).
-Every process it starts is stopped before it returns.
+demo castings (`--part tile`: demo ferrite tiles; or `--data` real photos) -> Prefect `retrain` flow (ingest ->
+train -> export_and_register -> deploy) -> the line-side runner in its own process -> a stream of parts the model
+never saw, sent over HTTP -> verdicts checked against the known truth -> summary (JSON in `OUT/summary.json`, a
+table on the terminal). Every process it starts is stopped before it returns.
 """
 
 from __future__ import annotations
@@ -31,18 +31,23 @@ logger = logging.getLogger(__name__)
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MARKER = ".inspection-demo"  # only a folder carrying this marker is wiped and rebuilt
+PARTS = ("impeller", "tile")
+# each part's training recipe: tiles are non-square, so their network letterboxes (keeps the aspect)
+TRAIN_CONFIGS = {"impeller": REPO_CONFIGS / "demo.yaml", "tile": REPO_CONFIGS / "demo_tile.yaml"}
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("demo_out")  # everything the demo writes (store, runs, registry, decisions)
-    data: Path | None = None  # a def_front/ok_front folder of real photos; None: render demo castings
-    n_parts: int = 480  # demo castings to learn from: "a few hundred labelled parts"
-    n_stream: int = 160  # unseen parts sent to the runner (demo castings); with --data: the registry's golden set
+    data: Path | None = None  # a def_front/ok_front folder of real photos; None: render demo parts
+    part: str = "impeller"  # the demo part: impeller castings, or flat tiles (inspection.synth_tile)
+    n_parts: int = 480  # demo photos to learn from: "a few hundred labelled parts" (tiles: n / tile_shots tiles)
+    tile_shots: int = 3  # photos of each demo tile (turned, mirrored, re-lit), so grouping by part matters
+    n_stream: int = 160  # unseen parts sent to the runner (one photo each); with --data: the registry's golden set
     max_stream: int = 400  # with --data, at most this many held-out photos are sent (keeps the demo short)
     seed: int = 7
     mode: str | None = None  # transfer-learning mode of the demo's training run (None: the train config's)
-    train_config: Path = REPO_CONFIGS / "demo.yaml"
+    train_config: Path | None = None  # None: the part's (TRAIN_CONFIGS)
     registry_config: Path = REPO_CONFIGS / "demo_registry.yaml"  # looser first-model limits: a 3-minute model
     clients: int = 4  # concurrent HTTP clients, like several stations' gateways
     token: str = "demo-token"  # bearer token of the demo runner
@@ -67,10 +72,8 @@ def _stream_items(config: DemoConfig, registry: Path) -> list[tuple[Path, str]]:
     """(image path, true label) of parts the model never saw: new demo castings, or the golden parts of real
     photos (sampled whole at registry init and kept out of training)."""
     if config.data is None:
-        from inspection.synth import render_dataset
-
         unseen = config.out / "unseen"
-        render_dataset(unseen, config.n_stream, seed=config.seed + 1000)
+        _render(config, unseen, config.n_stream, seed=config.seed + 1000, shots=1)  # a line sees each part once
         return [(p, "defect") for p in sorted((unseen / "def_front").iterdir())] + [
             (p, "ok") for p in sorted((unseen / "ok_front").iterdir())
         ]
@@ -81,6 +84,18 @@ def _stream_items(config: DemoConfig, registry: Path) -> list[tuple[Path, str]]:
     rng = np.random.default_rng(config.seed)
     idx = rng.permutation(len(golden))[: config.max_stream]
     return [(Path(golden[i]["path"]), str(golden[i]["label"])) for i in sorted(idx)]
+
+
+def _render(config: DemoConfig, out: Path, n_photos: int, seed: int, shots: int) -> None:
+    """`n_photos` photos of the demo part into out/def_front and out/ok_front (tiles: `shots` per tile)."""
+    if config.part == "tile":
+        from inspection.synth_tile import render_tile_dataset
+
+        render_tile_dataset(out, -(-n_photos // shots), seed=seed, shots=shots)
+    else:
+        from inspection.synth import render_dataset
+
+        render_dataset(out, n_photos, seed=seed)
 
 
 def _start_runner(config: DemoConfig, registry: Path, port: int) -> subprocess.Popen:
@@ -186,14 +201,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per part would bury the summary
 
+    if config.part not in PARTS:
+        raise DataError(f"part {config.part!r}; allowed: {', '.join(PARTS)}")
     t0 = time.perf_counter()
     out = config.out
     _prepare_out(out)
     if config.data is None:
-        from inspection.synth import render_dataset
-
-        source = out / "castings"
-        render_dataset(source, config.n_parts, seed=config.seed)
+        source = out / ("tiles" if config.part == "tile" else "castings")
+        _render(config, source, config.n_parts, seed=config.seed, shots=config.tile_shots)
     else:
         source = Path(config.data)
         if not source.is_dir():
@@ -205,7 +220,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         runs_dir=str(out / "runs"),
         registry=str(registry),
         mode=config.mode,
-        train_config=str(config.train_config),
+        train_config=str(config.train_config or TRAIN_CONFIGS[config.part]),
         registry_config=str(config.registry_config),
     )
     if not flow_result["promoted"]:
@@ -233,6 +248,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             "flagged_images": str((out / "decisions" / "images").resolve()),
             "review_app": f"inspection review serve --store {out / 'decisions'}",
             "data": str(source),
+            "part": config.part if config.data is None else None,
         }
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -241,11 +257,19 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="folder of real photos (def_front/ok_front); default: demo castings")
+    parser.add_argument(
+        "--part",
+        choices=PARTS,
+        default=DemoConfig.part,
+        help="demo part: impeller castings (default) or flat tiles (non-square, several photos per tile)",
+    )
     parser.add_argument("--out", type=Path, default=DemoConfig.out, help="output folder (default demo_out)")
-    parser.add_argument("--n", type=int, default=DemoConfig.n_parts, help="demo castings to train on")
+    parser.add_argument("--n", type=int, default=DemoConfig.n_parts, help="demo photos to train on")
     parser.add_argument("--stream", type=int, default=DemoConfig.n_stream, help="unseen parts sent to the runner")
     parser.add_argument("--mode", choices=["head", "partial", "full"], default=DemoConfig.mode)
-    parser.add_argument("--train-config", type=Path, default=DemoConfig.train_config)
+    parser.add_argument(
+        "--train-config", type=Path, default=None, help="default: configs/demo.yaml (tiles: configs/demo_tile.yaml)"
+    )
     parser.add_argument("--seed", type=int, default=DemoConfig.seed)
 
 
@@ -254,7 +278,7 @@ def _print_table(s: dict[str, Any]) -> None:
     lines = [
         "",
         "inspection demo — summary",
-        f"  model version        {s['model_version']} (promoted: {s['promoted']})",
+        f"  model version        {s['model_version']} (promoted: {s['promoted']}; part: {s.get('part') or 'real'})",
         f"  parts inspected      {s['parts_inspected']} ({s['defective_parts']} defective, {s['good_parts']} good)",
         f"  verdicts             pass {v['pass']}, review {v['review']}, reject {v['reject']}",
         f"  escapes              {s['escapes']} defective parts passed ({s['escape_rate']:.2%})",
@@ -274,6 +298,7 @@ def main(args: argparse.Namespace) -> int:
     config = DemoConfig(
         out=args.out,
         data=args.data,
+        part=args.part,
         n_parts=args.n,
         n_stream=args.stream,
         seed=args.seed,

@@ -35,6 +35,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("defect_prob", "heatmap")
+TYPE_OUTPUT = "defect_type_probs"  # a third output of models that learned defect types: (N, T), the card names them
+
+
+def output_names(typed: bool) -> tuple[str, ...]:
+    return (*OUTPUT_NAMES, TYPE_OUTPUT) if typed else OUTPUT_NAMES
+
+
 CARD_FILE = "model_card.json"
 _SMOKE_SIZE = 64  # smallest frame the smoke inference feeds; big enough for a stride-32 backbone
 
@@ -268,11 +275,12 @@ class OnnxModel:
     def _check_io(self) -> None:
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or tuple(outputs) != OUTPUT_NAMES:
+        if inputs != [INPUT_NAME] or tuple(outputs) not in (OUTPUT_NAMES, output_names(True)):
             raise ConfigError(
                 f"{self.path} has inputs {inputs} and outputs {outputs}; an inspection model has input "
-                f"{INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}"
+                f"{INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)} (+ {TYPE_OUTPUT!r} with defect types)"
             )
+        self.typed = len(outputs) == 3
 
     # -- inference --------------------------------------------------------------------------------------------
     @property
@@ -283,10 +291,22 @@ class OnnxModel:
     def thresholds(self) -> Thresholds | None:
         return self.card.thresholds if self.card else None
 
+    @property
+    def type_names(self) -> list[str]:
+        """The defect types the model answers (empty for an ok/defect model)."""
+        return list(self.card.defect_types) if self.card is not None and self.typed else []
+
     def predict(self, batch: np.ndarray, busy: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 3) RGB frames, any H and W -> (defect probabilities (N,), heatmaps (N, h, w)).
 
         `busy=True` (other batches are running or waiting) uses the busy session when there is one."""
+        probs, heatmaps, _ = self.predict_with_types(batch, busy)
+        return probs, heatmaps
+
+    def predict_with_types(
+        self, batch: np.ndarray, busy: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """As `predict`, plus the defect-type probabilities (N, T) of a typed model (None otherwise)."""
         batch = np.asarray(batch)
         if batch.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (raw camera pixels), got {batch.dtype}")
@@ -295,8 +315,9 @@ class OnnxModel:
         if batch.ndim != 4 or batch.shape[-1] != 3 or batch.shape[0] == 0:
             raise ValueError(f"images must have shape (N, H, W, 3) with N >= 1, got {batch.shape}")
         session = self.busy_session if busy and self.busy_session is not None else self.session
-        probs, heatmaps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch)})
-        return probs.astype(np.float32, copy=False), heatmaps.astype(np.float32, copy=False)
+        outs = session.run(list(output_names(self.typed)), {INPUT_NAME: np.ascontiguousarray(batch)})
+        types = outs[2].astype(np.float32, copy=False) if self.typed else None
+        return outs[0].astype(np.float32, copy=False), outs[1].astype(np.float32, copy=False), types
 
     def predict_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> tuple[np.ndarray, list]:
         """Images of possibly different sizes -> (probs (N,), list of heatmaps); batches images of equal shape."""

@@ -166,6 +166,13 @@ class ModelCard(_Contract):
     excluded: dict[str, Any] = Field(
         default_factory=dict, description="photos kept out of training: golden set, parts labelled both ways"
     )
+    defect_types: list[str] = Field(
+        default_factory=list,
+        description="defect types the model answers (output defect_type_probs, in this order); empty: ok/defect only",
+    )
+    type_metrics: dict[str, Any] = Field(
+        default_factory=dict, description="defect types: photos per type, out-of-fold accuracy, confusion"
+    )
 
 
 CONTRACTS: dict[str, type[BaseModel]] = {

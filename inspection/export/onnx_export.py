@@ -33,7 +33,7 @@ from inspection.export.config import ExportConfig
 from inspection.export.parity import ParityReport, check_parity, rejudge, resolve_threshold_ties
 from inspection.export.quantize import Int8Report, convert_fp16, int8_gate, measure_latency, quantize_int8
 from inspection.images import read_image
-from inspection.onnx_infer import CARD_FILE, INPUT_NAME, OUTPUT_NAMES, OnnxModel, sha256_file
+from inspection.onnx_infer import CARD_FILE, INPUT_NAME, OnnxModel, output_names, sha256_file
 from inspection.registry import TRAINING_SET_FILE
 from inspection.schemas import ModelCard
 from inspection.thresholds import verdicts_for
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 PARITY_PHOTOS = 1000  # parity photos of a cross-fitted run, spread over all of its parts
+TYPE_PARITY_LIMIT = 1e-3  # defect-type probabilities: not a verdict, but QA reads them
 INT8_FILE = "model.int8.onnx"
 FP16_FILE = "model.fp16.onnx"
 IO_DESCRIPTION = (
@@ -156,6 +157,11 @@ def export_net(
             card, parity = _resolve_ties(parity, card, notes)
             embedded = card.model_copy(update={"files": {}})
             write_metadata(model_path, embedded, precision="fp32", dynamic_size=dynamic)
+        if getattr(net, "type_head", None) is not None:
+            type_diff = _type_parity(net, model_path, val_images)
+            notes.append(f"defect types {list(net.type_names)}: max |Δtype probability| {type_diff:.2e}")
+            if type_diff > TYPE_PARITY_LIMIT:
+                raise ExportCheckError(f"ONNX defect-type probabilities differ from PyTorch by {type_diff:.2e}")
         (tmp / "parity.json").write_text(json.dumps(parity.to_dict(), indent=2))
         if not parity.passed:
             raise ExportCheckError(
@@ -218,6 +224,16 @@ def export_net(
     return result
 
 
+def _type_parity(net: torch.nn.Module, path: Path, images: Sequence[np.ndarray], n: int = 64) -> float:
+    """Largest difference between ONNX and PyTorch defect-type probabilities on up to `n` images of one shape."""
+    same = [im for im in images if im.shape == images[0].shape][:n]
+    batch = np.stack(same)
+    with torch.inference_mode():
+        ref = net(torch.from_numpy(batch))[2].numpy()
+    _, _, got = OnnxModel(path, providers=["CPUExecutionProvider"]).predict_with_types(batch)
+    return float(np.abs(ref - got).max()) if got is not None else float("inf")
+
+
 def trace_to_onnx(net: torch.nn.Module, path: Path, example: np.ndarray, dynamic_size: bool, notes: list[str]) -> bool:
     """Dynamo export with dynamic batch (and H/W when asked); returns whether H/W are dynamic."""
     from torch.export import Dim
@@ -235,7 +251,7 @@ def trace_to_onnx(net: torch.nn.Module, path: Path, example: np.ndarray, dynamic
                     net,
                     (x,),
                     input_names=[INPUT_NAME],
-                    output_names=list(OUTPUT_NAMES),
+                    output_names=list(output_names(getattr(net, "type_head", None) is not None)),
                     dynamic_shapes=shapes,
                     external_data=False,
                     dynamo=True,
@@ -292,6 +308,7 @@ def write_metadata(path: Path, card: ModelCard, precision: str, dynamic_size: bo
         "threshold_reject": repr(card.thresholds.reject),
         "threshold_review": repr(card.thresholds.review),
         "input_size": str(pre.get("input_size", "")),
+        "resize": str(pre.get("resize", "squash")),  # cards from before letterbox existed squashed
         "mean": json.dumps(pre.get("mean")),
         "std": json.dumps(pre.get("std")),
         "data_fingerprint": card.data_fingerprint,
@@ -321,9 +338,10 @@ def full_check(path: Path) -> None:
     if inputs != [(INPUT_NAME, onnx.TensorProto.UINT8)]:
         raise ExportCheckError(f"{path.name} has inputs {inputs}; the contract is one uint8 input {INPUT_NAME!r}")
     outputs = [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output]
-    expected = [(name, onnx.TensorProto.FLOAT) for name in OUTPUT_NAMES]
+    names = output_names(len(outputs) == 3)
+    expected = [(name, onnx.TensorProto.FLOAT) for name in names]
     if outputs != expected:
-        raise ExportCheckError(f"{path.name} has outputs {outputs}; the contract is float32 {list(OUTPUT_NAMES)}")
+        raise ExportCheckError(f"{path.name} has outputs {outputs}; the contract is float32 {list(names)}")
 
 
 def _check_other_shapes(
@@ -334,6 +352,8 @@ def _check_other_shapes(
     h, w = example.shape[:2]
     shapes = [(max(32, int(h * 0.8)), max(32, int(w * 1.25))), (max(32, h + 17), max(32, w // 2))]
     images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes for _ in range(5)][:6]
+    if h != w:  # the example turned on its side: letterbox pads the other axis then
+        images.append(rng.integers(0, 256, (w, h, 3), dtype=np.uint8))
     report = check_parity(
         net, path, images, card.thresholds, config.max_prob_diff, config.max_heatmap_diff, config.parity_batch_size
     )

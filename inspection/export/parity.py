@@ -95,7 +95,7 @@ def torch_predict(net: torch.nn.Module, images: Sequence[np.ndarray], batch_size
         for idx in by_shape.values():
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
-                p, h = net(torch.from_numpy(np.stack([images[i] for i in chunk])))
+                p, h = net(torch.from_numpy(np.stack([images[i] for i in chunk])))[:2]  # types: not a verdict
                 probs[chunk] = p.numpy()
                 for j, i in enumerate(chunk):
                     heatmaps[i] = h[j].numpy()

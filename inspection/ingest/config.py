@@ -34,6 +34,12 @@ class IngestConfig:
     # their members' cross scores). Real photos rotated/mirrored/zoomed/shifted and re-JPEGed: 99 % score
     # ≥ 0.86; pairs of different real parts: 99 % ≤ 0.69 (see inspection/ingest/dedup.py, bench/ingest.py)
     near_dup_min_similarity: float = 0.8
+    # the general method (parts without a round cavity, e.g. flat tiles; inspection/ingest/dedup_general.py): the
+    # same neighbours within this cosine distance of its symmetry-invariant descriptors (re-shots of one demo tile:
+    # ≤ 0.45), then the same part when the outline-aligned textures correlate at least this much (re-shots ≥ 0.69,
+    # different tiles ≤ 0.31, 960 photos of 320 demo tiles, one size or varied sizes)
+    near_dup_general_max_distance: float = 0.6
+    near_dup_general_min_similarity: float = 0.5
     # decode+hash threads (0 = one per CPU core); OpenCV and hashlib release the GIL
     workers: int = 0
     # file names to skip without a record (editor/OS droppings, never camera images)
@@ -59,8 +65,11 @@ class IngestConfig:
                 f"near_dup_max_distance/near_dup_neighbours: got {self.near_dup_max_distance}/"
                 f"{self.near_dup_neighbours}; allowed: 0 ≤ distance ≤ 2, neighbours ≥ 0 (0 = no grouping)"
             )
-        if not -1.0 <= self.near_dup_min_similarity <= 1.0:
-            raise ConfigError(f"near_dup_min_similarity: got {self.near_dup_min_similarity}; allowed: -1 … 1")
+        for name in ("near_dup_min_similarity", "near_dup_general_min_similarity"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: got {getattr(self, name)}; allowed: -1 … 1")
+        if not 0.0 <= self.near_dup_general_max_distance <= 2.0:
+            raise ConfigError(f"near_dup_general_max_distance: got {self.near_dup_general_max_distance}; allowed 0 … 2")
         if self.workers < 0:
             raise ConfigError(f"workers: got {self.workers}; allowed: 0 (one per core) or a positive count")
 

@@ -22,17 +22,35 @@ On the real set (6,633 photos): 300 real photos rotated/mirrored/zoomed ±15 %/s
 ≥ 0.86 against their original for 99 % (median 0.97); random pairs from different groups score ≤ 0.70 for
 99 %. The set holds ~220 parts, each photographed or augmented many times (groups up to ~300 images, whose
 random member pairs score ≥ 0.73-0.95 at the 5th percentile): large groups there are real, not chaining.
+
+Parts without such a cavity (flat tiles, plates) take the general method of `inspection.ingest.dedup_general`
+(aligned on the part's outline, compared by texture): `features` picks per image, by whether a cavity is found
+whose rim lies on its fitted ellipse and whose surrounding ring is bright (`CAVITY_MIN_SHARE`,
+`CAVITY_MIN_CONTRAST`), and says which in `Features.method`. Each method groups its own images; the linkage
+below is shared.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 
+from inspection.ingest import dedup_general
+
 logger = logging.getLogger(__name__)
+
+IMPELLER, GENERAL = "impeller", "general"
+METHODS = (IMPELLER, GENERAL)  # the index is the method's code in the stored descriptor
+# the impeller method is used where a cavity is found with at least this share of its rim on the fitted ellipse
+# and the ring around it this much brighter than its inside (image standard deviations): all 6,633 real photos
+# ≥ 0.55 and ≥ 1.2, demo castings ≥ 0.71 and ≥ 1.7; the 1 in 130 demo-tile photos whose dark patch passes the
+# share has a contrast ≤ 0.7
+CAVITY_MIN_SHARE = 0.45
+CAVITY_MIN_CONTRAST = 0.95
 
 _N_ANGLE = 128  # angular samples of the polar unwrap (2.8° each: the correlation peak is ~3 samples wide)
 _N_RADIUS = 32  # radial samples between _R_INNER and _R_OUTER
@@ -144,11 +162,9 @@ def _refine_on_edge(grey: np.ndarray, cx: float, cy: float, r: float) -> tuple[f
     return ncx, ncy, nr, share * strong.mean()
 
 
-def find_centre(grey: np.ndarray) -> tuple[float, float, float]:
-    """The part's axis and scale: (cx, cy, cavity radius) in pixels of `grey` (H, W) uint8.
-
-    Falls back to the image centre and a typical radius when no cavity is found (e.g. a blank image).
-    """
+def locate_cavity(grey: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(cx, cy, cavity radius, share of its rim on the fitted ellipse) in pixels of `grey` (H, W) uint8, or None
+    when no dark round cavity is found."""
     h, w = grey.shape
     best: tuple[float, float, float, float] | None = None
     # a small copy is fast and usually right; the full image settles the rare doubtful case
@@ -160,15 +176,37 @@ def find_centre(grey: np.ndarray) -> tuple[float, float, float]:
                 best = fit
             if best[3] >= _GOOD_EDGE:
                 break
+    return best
+
+
+def cavity_contrast(grey: np.ndarray, cx: float, cy: float, r: float) -> float:
+    """(mean of the ring 1.08-1.35 r) - (mean inside 0.65-0.92 r: outside the hub), in image standard deviations."""
+    theta = np.arange(64) * 2 * np.pi / 64
+    radii = r * np.r_[np.linspace(0.65, 0.92, 5), np.linspace(1.08, 1.35, 5)]
+    mx = (cx + np.cos(theta)[:, None] * radii).astype(np.float32)
+    my = (cy + np.sin(theta)[:, None] * radii).astype(np.float32)
+    ring = cv2.remap(grey, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    return float((ring[:, 5:].mean() - ring[:, :5].mean()) / (grey.std() + 1e-6))
+
+
+def find_centre(grey: np.ndarray) -> tuple[float, float, float]:
+    """The part's axis and scale: (cx, cy, cavity radius) in pixels of `grey` (H, W) uint8.
+
+    Falls back to the image centre and a typical radius when no cavity is found (e.g. a blank image).
+    """
+    h, w = grey.shape
+    best = locate_cavity(grey)
     if best is None:
         return (w - 1) / 2.0, (h - 1) / 2.0, 0.23 * min(h, w)
     return best[:3]
 
 
-def polar_unwrap(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def polar_unwrap(grey: np.ndarray, centre: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(angle, radius) float32 image around the part's axis, radii in cavity radii (scale-free), and a bool mask
-    of the samples inside the frame (a zoomed or shifted copy loses part of the flange)."""
-    cx, cy, r = find_centre(grey)
+    of the samples inside the frame (a zoomed or shifted copy loses part of the flange).
+
+    `centre`: (cx, cy, radius) when already located (else `find_centre`)."""
+    cx, cy, r = centre if centre is not None else find_centre(grey)
     theta = np.arange(_N_ANGLE) * 2 * np.pi / _N_ANGLE
     radii = r * np.linspace(_R_INNER, _R_OUTER, _N_RADIUS)
     mx = (cx + np.cos(theta)[:, None] * radii).astype(np.float32)
@@ -212,11 +250,49 @@ def signature_from_polar(polar: np.ndarray, inside: np.ndarray | None = None) ->
     return (sig / (np.linalg.norm(sig) + 1e-9)).astype(np.float16)
 
 
-def features(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(descriptor (DESCRIPTOR_DIM,) float32, signature (angle, radius) float16) of one RGB/grey uint8 image."""
-    grey = rgb[:, :, 0] if rgb.ndim == 3 else rgb  # decode gives grey photos as three equal channels
-    polar, inside = polar_unwrap(np.ascontiguousarray(grey))
-    return descriptor_from_polar(polar), signature_from_polar(polar, inside)
+class Features(NamedTuple):
+    """Near-duplicate features of one image, by the method `features` picked for it."""
+
+    descriptor: np.ndarray  # float32, unit: DESCRIPTOR_DIM (impeller) or dedup_general.DESCRIPTOR_DIM
+    signature: Any  # impeller: float16 (angle, radius); general: dedup_general.Signature
+    method: str  # IMPELLER or GENERAL
+
+
+def features(rgb: np.ndarray, method: str | None = None) -> Features:
+    """Near-duplicate features of one RGB/grey uint8 image: the impeller method where its cavity is found,
+    the general one otherwise (or the `method` given: a stored image's signature recomputed by its method)."""
+    grey = np.ascontiguousarray(rgb[:, :, 0] if rgb.ndim == 3 else rgb)  # decode gives grey as 3 equal channels
+    centre: tuple[float, float, float] | None = None
+    if method is None:
+        method = GENERAL
+        cavity = locate_cavity(grey)
+        if cavity is not None and cavity[3] >= CAVITY_MIN_SHARE:
+            cx, cy, r, _ = cavity
+            if cavity_contrast(grey, cx, cy, r) >= CAVITY_MIN_CONTRAST:
+                method, centre = IMPELLER, (cx, cy, r)
+    if method == GENERAL:
+        sig = dedup_general.signature(grey)
+        return Features(dedup_general.descriptor(sig), sig, GENERAL)
+    if method != IMPELLER:
+        raise ValueError(f"near-duplicate method {method!r}; allowed: {', '.join(METHODS)}")
+    polar, inside = polar_unwrap(grey, centre)
+    return Features(descriptor_from_polar(polar), signature_from_polar(polar, inside), IMPELLER)
+
+
+def stored_vector(f: Features) -> np.ndarray:
+    """What the manifest keeps per image: [method code, descriptor...] float32 (the method travels with it)."""
+    return np.concatenate([[float(METHODS.index(f.method))], f.descriptor]).astype(np.float32)
+
+
+def from_stored(vector: np.ndarray | None) -> tuple[str, np.ndarray] | None:
+    """(method, descriptor) of a stored vector, or None when it is missing or from an older version (recompute)."""
+    if vector is None or len(vector) < 2:
+        return None
+    code, desc = int(round(float(vector[0]))), vector[1:]
+    dims = {IMPELLER: DESCRIPTOR_DIM, GENERAL: dedup_general.DESCRIPTOR_DIM}
+    if not 0 <= code < len(METHODS) or len(desc) != dims[METHODS[code]]:
+        return None  # older stores kept the impeller descriptor alone (DESCRIPTOR_DIM values, no code)
+    return METHODS[code], desc
 
 
 def spectrum(sig: np.ndarray) -> np.ndarray:
@@ -298,14 +374,13 @@ def group_near_duplicates(
     min_similarity: float,
     k: int = 24,
 ) -> np.ndarray:
-    """Group label (index of its first member) for each row of `descriptors` (N, D).
+    """Group label (index of its first member) for each row of `descriptors` (N, D), impeller method.
 
     `signature(i)` returns row i's signature (may load it lazily). Candidates are the `k` nearest descriptors
     within cosine distance `max_distance`; a pair verifies when its aligned signatures correlate
     ≥ `min_similarity`. Verified pairs are taken strongest first; two groups join only when the median
     similarity between samples of their members is ≥ `min_similarity` as well (see the module docstring).
     """
-    n = len(descriptors)
     cache: dict[int, np.ndarray] = {}
 
     def spec(i: int) -> np.ndarray:
@@ -313,8 +388,54 @@ def group_near_duplicates(
             cache[i] = spectrum(signature(i))
         return cache[i]
 
+    def cross(a: Sequence[int], b: Sequence[int]) -> np.ndarray:
+        others = np.stack([spec(j) for j in b])
+        return np.concatenate([similarities_from_spectra(spec(i), others) for i in a])
+
     pairs = candidate_pairs(descriptors, max_distance, k)
-    scores = score_pairs(pairs, spec)
+    return link_pairs(len(descriptors), pairs, score_pairs(pairs, spec), cross, min_similarity)
+
+
+def group_general(
+    descriptors: np.ndarray,
+    signature: Callable[[int], dedup_general.Signature],
+    max_distance: float,
+    min_similarity: float,
+    k: int = 24,
+) -> np.ndarray:
+    """`group_near_duplicates` for the general method: the same candidates and linkage, scored by
+    `dedup_general.similarities` (the outline-aligned texture correlation)."""
+    cache: dict[int, dedup_general.Signature] = {}
+
+    def sig(i: int) -> dedup_general.Signature:
+        if i not in cache:
+            cache[i] = signature(i)
+        return cache[i]
+
+    def cross(a: Sequence[int], b: Sequence[int]) -> np.ndarray:
+        others = [sig(j) for j in b]
+        return np.concatenate([dedup_general.similarities(sig(i), others) for i in a])
+
+    pairs = candidate_pairs(descriptors, max_distance, k)
+    scores = np.zeros(len(pairs), np.float32)
+    by_first: dict[int, list[int]] = {}
+    for n, (i, _) in enumerate(pairs):
+        by_first.setdefault(i, []).append(n)
+    for i, idx in by_first.items():
+        scores[idx] = dedup_general.similarities(sig(i), [sig(pairs[n][1]) for n in idx])
+    return link_pairs(len(descriptors), pairs, scores, cross, min_similarity)
+
+
+def link_pairs(
+    n: int,
+    pairs: list[tuple[int, int]],
+    scores: np.ndarray,
+    cross: Callable[[Sequence[int], Sequence[int]], np.ndarray],
+    min_similarity: float,
+) -> np.ndarray:
+    """Group labels from scored candidate pairs: strongest first, groups join by median linkage.
+
+    `cross(a, b)` scores every member index in `a` against every one in `b` (flattened)."""
     parent = np.arange(n)
     members: dict[int, list[int]] = {i: [i] for i in range(n)}
 
@@ -334,11 +455,8 @@ def group_near_duplicates(
         if len(members[a]) > 1 or len(members[b]) > 1:
             if len(members[a]) > len(members[b]):
                 a, b = b, a  # sample the smaller group's members against the larger group's
-            sample_b = np.stack([spec(j) for j in _spread(members[b], _LINK_SAMPLE)])
-            cross = np.concatenate(
-                [similarities_from_spectra(spec(i), sample_b) for i in _spread(members[a], _LINK_SAMPLE // 2)]
-            )
-            if float(np.median(cross)) < min_similarity:
+            linked = cross(_spread(members[a], _LINK_SAMPLE // 2), _spread(members[b], _LINK_SAMPLE))
+            if float(np.median(linked)) < min_similarity:
                 refused += 1
                 continue
         keep, gone = min(a, b), max(a, b)

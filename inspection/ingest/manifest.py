@@ -56,6 +56,7 @@ class Sample:
     label: str | None  # "ok" | "defect" | None (unlabelled)
     split: str | None  # "train" | "val" | "test"
     group_id: str  # near-duplicate group: never split across train/val/test
+    defect_type: str | None = None  # the defect type the label names (folder `crack/` -> "crack"), if any
 
 
 def manifest_path(store_or_manifest: Path) -> Path:

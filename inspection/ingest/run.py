@@ -66,6 +66,9 @@ class IngestResult:
     group_sizes: dict[int, int]  # group size -> number of groups
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> label -> images
     groups_merged: int = 0  # earlier groups joined by a new image (their splits were unified)
+    # images of the store per near-duplicate method: "impeller" (centred on the round cavity) or "general"
+    # (parts without one: aligned on the outline); each method groups its own images
+    group_methods: dict[str, int] = field(default_factory=dict)
     # physical parts whose photos carry both labels: group id -> {"ok": n, "defect": n}; training keeps them out
     # until QA settles them (review app, "same part, labels disagree")
     mixed_label_parts: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -88,8 +91,7 @@ class _Outcome:
     height: int | None = None
     channels: int | None = None
     bit_depth: int | None = None
-    descriptor: np.ndarray | None = None
-    signature: np.ndarray | None = None
+    features: dedup.Features | None = None
 
 
 def _label_for(candidate: Candidate, label_map: dict[str, str]) -> str | None:
@@ -179,7 +181,7 @@ class _Processor:
             return out
         out.fmt, out.width, out.height = info.format, info.width, info.height
         out.channels, out.bit_depth = info.channels, info.bit_depth
-        out.descriptor, out.signature = dedup.features(rgb)
+        out.features = dedup.features(rgb)
         self._write(self.store / stored_relpath(out.sha256, info.format), data)
         return out
 
@@ -244,7 +246,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
         processor = _Processor(config, store, seen, set(accepted))
         workers = config.workers or os.cpu_count() or 1
         new_records: list[ManifestRecord] = []
-        new_features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        new_features: dict[str, dedup.Features] = {}
         reasons: Counter[str] = Counter()
         n_known = n_dup = n_conflicts = 0
         run_seen: set[tuple[str, str | None]] = set()
@@ -304,7 +306,8 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
                 accepted.add(sha)
                 label, source = (reviews[sha], "review") if sha in reviews else (folder_label, "folder")
                 accepted_label[sha] = label
-                new_features[sha] = (out.descriptor, out.signature)
+                assert out.features is not None
+                new_features[sha] = out.features
                 new_records.append(
                     ManifestRecord(
                         **base,
@@ -322,14 +325,17 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
 
         # --- near-duplicate groups over the whole store, then splits for new groups
         old_desc = load_descriptors(con)
-        save_descriptors(con, ((sha, f[0]) for sha, f in new_features.items()))
+        save_descriptors(con, ((sha, dedup.stored_vector(f)) for sha, f in new_features.items()))
         old_group = {sha: (gid, split) for sha, _, gid, split in accepted_rows}
         order = [row[0] for row in accepted_rows] + [r.sha256 for r in new_records if r.status == "accepted"]
         stored_paths = dict(con.execute("SELECT sha256, stored_path FROM records WHERE status = 'accepted'"))
         stored_paths.update({r.sha256: r.stored_path for r in new_records if r.status == "accepted"})
-        group_of, split_of, merged = _group_and_split(
+        grouping = _group_and_split(
             config, store, order, old_desc, new_features, old_group, accepted_label, stored_paths
         )
+        group_of, split_of, merged = grouping.group_of, grouping.split_of, grouping.merged
+        if grouping.migrated:  # descriptors recomputed for a store written by an older version: keep them
+            save_descriptors(con, grouping.migrated)
 
         for i, rec in enumerate(new_records):
             twin = rec.sha256 if rec.status == "accepted" else rec.duplicate_of
@@ -363,12 +369,13 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
         group_sizes=dict(sorted(sizes.items())),
         split_counts=split_counts,
         groups_merged=merged,
+        group_methods={m: n for m in dedup.METHODS if (n := sum(v == m for v in grouping.method_of.values()))},
         mixed_label_parts=mixed,
         wall_s=time.perf_counter() - t0,
     )
     logger.info(
         "ingest: %d files, %d already known, %d accepted, %d duplicates, %d quarantined %s; store holds %d images "
-        "in %d near-duplicate groups (%d with copies); %.1f s",
+        "in %d near-duplicate groups (%d with copies; grouped by %s); %.1f s",
         result.n_files,
         result.already_known,
         result.accepted,
@@ -378,6 +385,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
         result.total_accepted,
         result.groups,
         sum(n for size, n in sizes.items() if size > 1),
+        ", ".join(f"{m} {n}" for m, n in result.group_methods.items()) or "nothing",
         result.wall_s,
     )
     if merged:
@@ -391,45 +399,85 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
     return result
 
 
+@dataclass
+class _Grouping:
+    group_of: dict[str, str]  # sha -> group id
+    split_of: dict[str, str]  # sha -> split
+    merged: int  # earlier groups joined
+    method_of: dict[str, str]  # sha -> near-duplicate method
+    migrated: list[tuple[str, np.ndarray]] = field(default_factory=list)  # stored vectors recomputed
+
+
 def _group_and_split(
     config: IngestConfig,
     store: Path,
     order: list[str],
     old_desc: dict[str, np.ndarray],
-    new_features: dict[str, tuple[np.ndarray, np.ndarray]],
+    new_features: dict[str, dedup.Features],
     old_group: dict[str, tuple[str | None, str | None]],
     labels: dict[str, str | None],
     stored_paths: dict[str, str],
-) -> tuple[dict[str, str], dict[str, str], int]:
-    """(sha -> group_id, sha -> split, number of earlier groups merged) for every accepted image."""
+) -> _Grouping:
+    """Groups, splits and near-duplicate methods of every accepted image (see `_Grouping`)."""
     if not order:
-        return {}, {}, 0
+        return _Grouping({}, {}, 0, {})
+    stored = {sha: dedup.from_stored(old_desc.get(sha)) for sha in order if sha not in new_features}
     if not new_features and all(old_group.get(s, (None, None))[0] for s in order):
-        # nothing new: keep the groups and splits as recorded (a re-run must be cheap and change nothing)
-        return {s: old_group[s][0] for s in order}, {s: old_group[s][1] for s in order}, 0
-    desc = np.zeros((len(order), dedup.DESCRIPTOR_DIM), np.float32)
-    for i, sha in enumerate(order):
-        vec = new_features[sha][0] if sha in new_features else old_desc.get(sha)
-        if vec is None or vec.shape != (dedup.DESCRIPTOR_DIM,):
-            vec = dedup.features(read_image(store / stored_paths[sha]))[0]  # store from an older version
-        desc[i] = vec
-
-    def signature(i: int) -> np.ndarray:
-        sha = order[i]
+        # nothing new: keep the groups and splits as recorded (a re-run must be cheap and change nothing);
+        # a store from before the general method was grouped by the impeller method alone
+        methods = {s: m[0] if m else dedup.IMPELLER for s, m in stored.items()}
+        group_of = {s: old_group[s][0] for s in order}
+        split_of = {s: old_group[s][1] for s in order}
+        return _Grouping(group_of, split_of, 0, methods)  # type: ignore[arg-type]  # all set: checked above
+    method_of: dict[str, str] = {}
+    desc_of: dict[str, np.ndarray] = {}
+    migrated: list[tuple[str, np.ndarray]] = []
+    for sha in order:
+        found = stored.get(sha)
         if sha in new_features:
-            return new_features[sha][1]
-        # earlier images: recompute from the stored copy instead of keeping ~10 kB per image in the manifest
-        return dedup.features(read_image(store / stored_paths[sha]))[1]
+            f = new_features[sha]
+            method_of[sha], desc_of[sha] = f.method, f.descriptor
+        elif found is not None:
+            method_of[sha], desc_of[sha] = found
+        else:  # a store from an older version: recompute once, and keep
+            f = dedup.features(read_image(store / stored_paths[sha]))
+            method_of[sha], desc_of[sha] = f.method, f.descriptor
+            migrated.append((sha, dedup.stored_vector(f)))
 
-    if config.near_dup_neighbours > 0:
-        comp = dedup.group_near_duplicates(
-            desc, signature, config.near_dup_max_distance, config.near_dup_min_similarity, config.near_dup_neighbours
-        )
-    else:
-        comp = np.arange(len(order))
-    members: dict[int, list[str]] = {}
-    for i, c in enumerate(comp):
-        members.setdefault(int(c), []).append(order[i])
+    def signature_of(sha: str) -> object:
+        if sha in new_features:
+            return new_features[sha].signature
+        # earlier images: recompute from the stored copy instead of keeping ~10-16 kB per image in the manifest
+        return dedup.features(read_image(store / stored_paths[sha]), method_of[sha]).signature
+
+    comp: dict[str, str] = {}  # sha -> sha of its group's first member
+    for method in dedup.METHODS:
+        shas = [s for s in order if method_of[s] == method]  # each method groups its own images
+        if not shas:
+            continue
+        desc = np.stack([desc_of[s] for s in shas])
+        if config.near_dup_neighbours <= 0:
+            labels_m = np.arange(len(shas))
+        elif method == dedup.IMPELLER:
+            labels_m = dedup.group_near_duplicates(
+                desc,
+                lambda i, shas=shas: signature_of(shas[i]),
+                config.near_dup_max_distance,
+                config.near_dup_min_similarity,
+                config.near_dup_neighbours,
+            )
+        else:
+            labels_m = dedup.group_general(
+                desc,
+                lambda i, shas=shas: signature_of(shas[i]),
+                config.near_dup_general_max_distance,
+                config.near_dup_general_min_similarity,
+                config.near_dup_neighbours,
+            )
+        comp.update({s: shas[int(c)] for s, c in zip(shas, labels_m, strict=True)})
+    members: dict[str, list[str]] = {}
+    for sha in order:
+        members.setdefault(comp[sha], []).append(sha)
 
     group_of: dict[str, str] = {}
     fixed_split: dict[str, str] = {}
@@ -453,7 +501,7 @@ def _group_and_split(
         if gid in fixed_split:
             existing_counts[(labels.get(s), fixed_split[gid])] += 1
     splits = assign_splits(new_groups, config.split_fractions, config.seed, fixed_split, existing_counts)
-    return group_of, {s: splits[g] for s, g in group_of.items()}, merged
+    return _Grouping(group_of, {s: splits[g] for s, g in group_of.items()}, merged, method_of, migrated)
 
 
 def samples_from(data: Path, work_dir: Path, config: IngestConfig | None = None) -> list[Sample]:

@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ class InspectionNet(nn.Module):
         preprocess: PreprocessConfig,
         dropout: float = 0.2,
         taps: Sequence[int] = (),
+        type_names: Sequence[str] = (),
     ):
         super().__init__()
         self.preprocess = Preprocessor(preprocess)
@@ -63,6 +65,10 @@ class InspectionNet(nn.Module):
         self.head = nn.Linear(sum(self.widths), 1)  # defect logit
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
+        # defect types (when the labels name them): a softmax over the types on the same pooled features; the
+        # verdict stays with the defect head, the type says which defect a flagged part most likely carries
+        self.type_names = tuple(type_names)
+        self.type_head = nn.Linear(sum(self.widths), len(self.type_names)) if self.type_names else None
 
     # ---------------------------------------------------------------------------------------------- features
     def feature_maps_all(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -102,9 +108,17 @@ class InspectionNet(nn.Module):
     def cam_size(self) -> int:
         return max(1, math.ceil(self.preprocess.config.input_size / CAM_STRIDE))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (N, H, W, 3) -> (defect probability (N,), heatmap (N, h, w) in [0, 1])."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """uint8 images (N, H, W, 3) -> (defect probability (N,), heatmap (N, h, w) in [0, 1]) and, for a model
+        with defect types, their probabilities (N, T) as a third output."""
         maps = self.feature_maps_all(self.preprocess(images))
+        prob, heatmap = self._score_and_map(maps)
+        if self.type_head is None:
+            return prob, heatmap
+        pooled = torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
+        return prob, heatmap, torch.softmax(self.type_head(pooled), dim=1)
+
+    def _score_and_map(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         weights = torch.split(self.head.weight, list(self.widths), dim=1)
         logit = self.head.bias.expand(maps[0].shape[0])
         if len(maps) == 1:
@@ -116,9 +130,9 @@ class InspectionNet(nn.Module):
         for fmap, w in zip(maps, weights, strict=True):
             part = F.conv2d(fmap, w[:, :, None, None])  # (N, 1, h, w): this stage's share of the logit per position
             logit = logit + part.mean(dim=(1, 2, 3))
-            if part.shape[-1] >= size:  # finer than the grid: average, which keeps the mean
+            if part.shape[-1] > size:  # finer than the grid: average, which keeps the mean
                 part = F.adaptive_avg_pool2d(part, size)
-            else:
+            elif part.shape[-1] < size:
                 part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False)
             cam = part if cam is None else cam + part
         return torch.sigmoid(logit), torch.sigmoid(cam[:, 0] + self.head.bias)
@@ -131,8 +145,11 @@ def build_net(
     input_size: int | None = None,
     dropout: float = 0.2,
     taps: Sequence[int] = (),
+    resize: Literal["squash", "letterbox"] = "squash",
+    type_names: Sequence[str] = (),
 ) -> InspectionNet:
     """Create the network by backbone name; the preprocessing travels with the backbone's weights."""
     body = create_backbone(backbone, weights=weights, pretrained=pretrained)
     num_features = int(body.num_features)
-    return InspectionNet(body, num_features, preprocess_for(backbone, input_size), dropout=dropout, taps=taps)
+    preprocess = preprocess_for(backbone, input_size, resize)
+    return InspectionNet(body, num_features, preprocess, dropout=dropout, taps=taps, type_names=type_names)

@@ -117,6 +117,9 @@ class RunnerConfig:
     folder: FolderConfig = field(default_factory=FolderConfig)
     opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
+    # SIGTERM: hold new parts (503 + stored review) and report /readyz 503 this long while in-flight parts finish,
+    # so clients on open connections get a decision instead of a reset and balancers move away; then exit
+    drain_s: float = 1.0
     drift_enabled: bool = True  # watch brightness/contrast/score/verdict mix against the model's reference
     drift: DriftConfig = field(default_factory=DriftConfig)
 
@@ -131,6 +134,8 @@ class RunnerConfig:
             raise ConfigError(f"spinning: got {self.spinning!r}, allowed {', '.join(SPINNING)}")
         if self.batching.workers < 1:
             raise ConfigError(f"batching.workers must be ≥ 1, got {self.batching.workers}")
+        if self.drain_s < 0:
+            raise ConfigError(f"drain_s must be ≥ 0 (0: no drain), got {self.drain_s}")
         if self.batching.max_wait_ms < 0 or self.batching.timeout_s <= 0:
             raise ConfigError("batching.max_wait_ms must be ≥ 0 and batching.timeout_s > 0")
         if self.threads is not None and self.threads < 1:

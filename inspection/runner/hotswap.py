@@ -5,6 +5,10 @@ changes (or no model serves yet), the alias is resolved; a new version is loaded
 inference) and warmed in this thread while the old one keeps serving, then published by one reference
 assignment, which the micro-batcher reads once per batch. A version that fails any check is refused: the old
 model keeps serving, the failure is logged and counted, and the version is not retried until the alias changes.
+
+The registry is often a network share: it may vanish (unmounted, renamed, a stale handle, a dead server) and come
+back. While it cannot be read the serving model stays, the watcher keeps polling (no OSError may end its thread),
+and `degraded_reasons()` says so for /readyz; once it is readable again the alias is followed as before.
 """
 
 from __future__ import annotations
@@ -60,12 +64,29 @@ class HotSwapper:
         self._last_attempt = 0.0
         self.refused: dict[str, str] = {}  # version -> why; not retried until the alias file changes
         self.last_error: str | None = None
+        self.registry_error: str | None = None  # the registry cannot be read now (cleared when it can)
+        self.alias_version: str | None = None  # what the alias said at the last successful read
 
-    def _aliases_mtime(self) -> float | None:
+    def _aliases_mtime(self) -> float | str | None:
+        """mtime of the alias file; None when it is missing; the error text when the folder cannot be read
+        (a share that went away: ESTALE, EIO, ENOTCONN, ...), so that a change either way triggers a check."""
         try:
             return (self.root / ALIASES_FILE).stat().st_mtime_ns / 1e9
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    def degraded_reasons(self) -> list[str]:
+        """What is wrong while a model serves: the registry unreadable, or its alias on a refused version."""
+        current = self.holder.current
+        reasons = []
+        if self.registry_error is not None:
+            reasons.append(self.registry_error)
+        version = self.alias_version
+        if version is not None and version in self.refused and (current is None or current.version != version):
+            reasons.append(f"alias {self.alias!r} points at {version}, refused: {self.refused[version]}")
+        return reasons
 
     def resolve(self) -> str | None:
         from inspection.registry import Registry
@@ -77,25 +98,38 @@ class HotSwapper:
         with self._lock:
             mtime = self._aliases_mtime()
             changed = mtime != self._last_mtime
-            if changed:
+            if changed and not isinstance(mtime, str):
                 self.refused.clear()  # a new promotion (even of a refused version) deserves a new try
             self._last_mtime = mtime
             self._last_attempt = time.monotonic()
+            current = self.holder.current
             try:
+                if isinstance(mtime, str):
+                    raise OSError(mtime)
                 version = self.resolve()
             except Exception as exc:  # a registry mid-write or unreadable: keep serving, try again later
                 self.last_error = f"alias {self.alias!r} could not be read: {exc}"
-                logger.error("hot swap: %s", self.last_error)
-                if self.metrics is not None:
-                    self.metrics.errors.labels("registry").inc()
+                self._registry_unreadable(f"registry {self.root} cannot be read ({exc})", current)
                 return "refused"
-            current = self.holder.current
             if version is None:
                 self.last_error = f"registry {self.root} has no {self.alias!r} alias"
                 if current is None:
                     logger.warning("%s: not ready", self.last_error)
+                else:  # a serving runner whose alias vanished: the share is gone (or someone removed it)
+                    if not self.root.is_dir():
+                        why = f"registry folder {self.root} is not there (share unmounted or moved?)"
+                    elif not (self.root / ALIASES_FILE).is_file():
+                        why = f"registry {self.root} has no {ALIASES_FILE} (an empty mount point?)"
+                    else:
+                        why = f"registry {self.root}: alias {self.alias!r} points at no version"
+                    self._registry_unreadable(why, current)
                 return "no_alias"
+            if self.registry_error is not None:
+                logger.warning("hot swap: registry %s readable again (alias %s -> %s)", self.root, self.alias, version)
+            self.registry_error = None
+            self.alias_version = version
             if current is not None and current.version == version:
+                self.last_error = None
                 return "unchanged"
             if version in self.refused and not force:
                 return "refused"
@@ -130,16 +164,24 @@ class HotSwapper:
             )
             return "swapped"
 
+    def _registry_unreadable(self, why: str, current: Inferencer | None) -> None:
+        if self.registry_error != why:  # log once per state, not once per poll
+            logger.error("hot swap: %s; still serving %s", why, current.version if current else "nothing")
+        self.registry_error = why
+        if self.metrics is not None:
+            self.metrics.errors.labels("registry").inc()
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            due = self._aliases_mtime() != self._last_mtime or (
-                self.holder.current is None and time.monotonic() - self._last_attempt > NO_MODEL_RETRY_S
-            )
-            if due:
-                try:
+            try:
+                due = self._aliases_mtime() != self._last_mtime or (
+                    (self.holder.current is None or self.registry_error is not None)
+                    and time.monotonic() - self._last_attempt > NO_MODEL_RETRY_S
+                )
+                if due:
                     self.check()
-                except Exception:  # the watcher must survive anything; the old model keeps serving
-                    logger.exception("hot swap check failed")
+            except Exception:  # the watcher must survive anything; the old model keeps serving
+                logger.exception("hot swap check failed")
             self._stop.wait(self.poll_s)
 
     def start(self, initial: bool = True) -> None:

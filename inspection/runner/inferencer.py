@@ -2,12 +2,17 @@
 
 `load_inferencer` resolves a registry version, checks the model file's sha256, lets `select_providers` decide by
 trying which execution provider really runs here (TensorRT, then CUDA, then CPU), runs a smoke inference that
-must give sane outputs, and warms the session up. `Inferencer.predict` takes decoded camera frames of any sizes
-and groups them by shape, because the graph takes one (N, H, W, 3) tensor per call.
+must give sane outputs, and warms the session up. Where the version carries `smoke_reference.json` (the model's
+outputs on the smoke frames, recorded when it was exported: `smoke_reference`), the smoke outputs must match it:
+a file damaged before it was hashed (a valid ONNX graph with some weights zeroed) passes the sha256 and gives
+sane-looking scores, and only a reference tells it from the model that was exported.
+`Inferencer.predict` takes decoded camera frames of any sizes and groups them by shape, because the graph takes
+one (N, H, W, 3) tensor per call.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,6 +29,32 @@ logger = logging.getLogger(__name__)
 
 class ModelRejectedError(InspectionError):
     """A model version failed verification (sha256, smoke inference) and must not serve."""
+
+
+REFERENCE_FILE = "smoke_reference.json"  # model file name -> its scores and heatmaps on the smoke frames
+# Same file, same frames: onnxruntime agrees with itself across CPUs and providers to ~1e-5 (FP32); a few KiB of
+# damaged weights move the outputs by 1e-3 to 5e-2 (bench/faults.py).
+REFERENCE_TOLERANCE = 1e-3
+
+
+def smoke_frames(size: int) -> list[np.ndarray]:
+    """The synthetic frames every candidate model is run on before it may serve (deterministic)."""
+    rng = np.random.default_rng(0)
+    return [
+        np.full((size, size, 3), 128, np.uint8),
+        rng.integers(0, 256, (size + 13, size + 7, 3), dtype=np.uint8),  # the graph must resize any frame
+    ]
+
+
+def smoke_reference(model, input_size: int) -> dict[str, list]:
+    """A model's outputs on the smoke frames (`model`: an OnnxModel or an Inferencer's model), to be written as
+    `{model file name: this}` into the export's smoke_reference.json when the model is known good."""
+    scores, heatmaps = [], []
+    for frame in smoke_frames(input_size):
+        probs, heat = model.predict(frame[None])
+        scores.append(float(np.asarray(probs).reshape(-1)[0]))
+        heatmaps.append(np.asarray(heat[0], np.float64).round(7).tolist())
+    return {"scores": scores, "heatmaps": heatmaps}
 
 
 @dataclass(frozen=True)
@@ -72,12 +103,7 @@ class Inferencer:
 
     def smoke_test(self, runs: int = 1) -> None:
         """Run synthetic frames through the model; raise ModelRejectedError unless outputs are sane."""
-        rng = np.random.default_rng(0)
-        size = self.input_size
-        frames = [
-            np.full((size, size, 3), 128, np.uint8),
-            rng.integers(0, 256, (size + 13, size + 7, 3), dtype=np.uint8),  # the graph must resize any frame
-        ]
+        frames = smoke_frames(self.input_size)
         for _ in range(max(1, runs)):
             try:
                 preds = self.predict(frames)
@@ -91,6 +117,30 @@ class Inferencer:
                         f"model {self.version}: smoke output out of contract (score {p.score}, heatmap "
                         f"shape {getattr(p.heatmap, 'shape', None)})"
                     )
+
+    def check_reference(self, reference: dict, tolerance: float = REFERENCE_TOLERANCE) -> float:
+        """Raise ModelRejectedError unless the outputs on the smoke frames match `reference` (see
+        `smoke_reference`); returns the largest difference."""
+        frames = smoke_frames(self.input_size)
+        preds = self.predict(frames)
+        try:
+            diffs = [abs(p.score - float(ref)) for p, ref in zip(preds, reference["scores"], strict=True)]
+            for p, ref in zip(preds, reference["heatmaps"], strict=True):
+                ref_map = np.asarray(ref, np.float64)
+                if ref_map.shape != p.heatmap.shape:
+                    raise ModelRejectedError(
+                        f"model {self.version}: heatmap {p.heatmap.shape} where its reference has {ref_map.shape}"
+                    )
+                diffs.append(float(np.max(np.abs(p.heatmap - ref_map))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelRejectedError(f"model {self.version}: {REFERENCE_FILE} is unusable: {exc}") from None
+        worst = max(diffs)
+        if not worst <= tolerance:
+            raise ModelRejectedError(
+                f"model {self.version}: outputs on the smoke frames differ from the exported model's reference by "
+                f"{worst:.2e} (allowed {tolerance:.0e}): the file is not the model that was exported"
+            )
+        return worst
 
     def warm_up(self, runs: int = 3, shapes: Sequence[tuple[int, int]] = ()) -> float:
         """Run a few inferences so the first real part does not pay for allocation; returns seconds spent."""
@@ -144,6 +194,15 @@ def load_inferencer(
     )
     inf = Inferencer(model, mv.version, mv.card, path)
     inf.smoke_test(smoke_runs)
+    ref_path = Path(mv.dir) / REFERENCE_FILE
+    if ref_path.is_file():
+        try:
+            reference = json.loads(ref_path.read_text()).get(path.name)
+        except (OSError, ValueError) as exc:
+            raise ModelRejectedError(f"version {version}: {REFERENCE_FILE} cannot be read: {exc}") from None
+        if reference is not None:
+            worst = inf.check_reference(reference)
+            logger.info("model %s matches its export's smoke reference (max |Δ| %.1e)", version, worst)
     warm_s = inf.warm_up(warmup_runs, warmup_shapes)
     logger.info(
         "model %s loaded from %s on %s (threads %s): verified and warm in %.2f s (warm-up %.2f s)",

@@ -9,6 +9,11 @@ Rules the code keeps, in order of importance:
    batcher's worker right after the model call, a whole micro-batch per transaction (`Runtime.finish_batch`);
    held parts are stored by the request handler. A `Pending` part is claimed by exactly one of the two.
 3. The model is swapped only between micro-batches (see hotswap.py / batcher.py).
+4. Faults degrade, never pass a part: a decision that cannot be stored with its image (disk full) is stored as a
+   `review` hold without it (503, reason `store_degraded`); a store write waits for another writer (the review
+   app) at most until the part's answer is due; SIGTERM drains (new parts 503 + stored `review`, in-flight ones
+   answered) before the process exits; /readyz says `degraded` (with the reasons) while the registry cannot be
+   read, the alias points at a refused version, or the store fails writes.
 
 Authentication: unauthenticated requests are refused before anything is stored (they must not be able to fill
 the store); the bearer token comes from INSPECTION_RUNNER_TOKEN or the config.
@@ -17,10 +22,12 @@ the store); the bearer token comes from INSPECTION_RUNNER_TOKEN or the config.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -38,7 +45,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from inspection import __version__
-from inspection.decisions import DecisionStore
+from inspection.decisions import DecisionStore, store_busy, store_full
 from inspection.errors import ConfigError, ImageValidationError
 from inspection.images import decode_image
 from inspection.runner.batcher import MicroBatcher, NoModelError, OverloadedError
@@ -62,6 +69,10 @@ STATUS_FOR_REASON = {
     "bad_field": 400,
     "bad_multipart": 400,
 }
+MIN_WRITE_S = 0.25  # a store write due after its part's timeout still gets this long to wait for the lock
+# after a store write failed (not for a lock), every part is held (no verdict is given) until the store's filesystem
+# has this much free again: a pass must not slip through in a small row while the flagged parts' images fail
+STORE_MIN_FREE_BYTES = 4 << 20
 _ID_RE = re.compile(r"^[\w.\-:/#]{1,256}$")  # part ids and stations as PLCs send them; no spaces/control chars
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
 
@@ -100,8 +111,9 @@ class Decided:
     """What the batcher hands back for a Pending part: the verdict and whether it is durably stored."""
 
     pred: Prediction
-    result: InspectionResult
+    result: InspectionResult  # the stored decision: a `review` hold when `held` (store_degraded)
     stored: bool
+    held: bool = False  # the verdict could not be stored with its image; a `review` hold without it was
 
 
 class _Held(Exception):
@@ -129,6 +141,13 @@ class Runtime:
     drift: Any = None  # DriftMonitor of the serving version (rebuilt when a swap changes the version)
     drift_version: str | None = None
     opcua: Any = None  # OpcUaServer when opcua.endpoint is set
+    draining: threading.Event = field(default_factory=threading.Event)  # SIGTERM: hold new parts, then exit
+    draining_since: float = float("inf")  # perf_counter of the signal: requests that came before it are answered
+    store_error: str | None = None  # the last store write failed (cleared by the next one that works)
+    store_error_since: datetime | None = None
+    # a write failed, and not for a busy lock (disk full; SQLite may also say "disk I/O error" on a full disk):
+    # every part is held until the store's filesystem has STORE_MIN_FREE_BYTES free
+    hold_until_space: bool = False
 
     @classmethod
     def build(cls, config: RunnerConfig) -> Runtime:
@@ -262,16 +281,34 @@ class Runtime:
             )
             for i in owned
         }
-        stored = True
+        stored, held = True, False
+        budget = self.write_budget(min((pending[i].t0 for i in owned), default=time.perf_counter()))
         try:
-            self.store.record_many([(results[i], pending[i].data, preds[i].heatmap, pending[i].source) for i in owned])
-        except Exception:
-            logger.exception("decision store write failed for %d parts: answering 503 + review", len(owned))
-            self.metrics.errors.labels("store").inc(len(owned))
+            if owned and self.hold_until_space and not self._space_back():
+                raise OSError(errno.ENOSPC, f"the decision store is still short of space ({self.store_error})")
+            self.store.record_many(
+                [(results[i], pending[i].data, preds[i].heatmap, pending[i].source) for i in owned], timeout_s=budget
+            )
+        except Exception as exc:
+            self.store_failed(exc, len(owned))
             stored = False
+            if owned and not store_busy(exc):  # e.g. disk full: the images do not fit, a hold row may
+                holds = {i: self._degraded_hold(results[i], exc) for i in owned}
+                try:
+                    self.store.record_many(
+                        [(holds[i], None, None, pending[i].source) for i in owned],
+                        timeout_s=self.write_budget(min(pending[i].t0 for i in owned)),
+                    )
+                except Exception as exc2:
+                    self.store_failed(exc2, 0)
+                else:
+                    results, stored, held = holds, True, True
+                    self.metrics.errors.labels("store_degraded").inc(len(owned))
+        if stored and not held:
+            self.store_ok()
         out: list[Decided | None] = [None] * len(pending)
         for i in owned:
-            out[i] = Decided(preds[i], results[i], stored)
+            out[i] = Decided(preds[i], results[i], stored, held)
             if not stored:
                 continue
             try:  # the decision is stored: telemetry trouble must not turn it into an error
@@ -280,6 +317,93 @@ class Runtime:
             except Exception:
                 logger.exception("metrics/MQTT/drift failed after storing %s", results[i].request_id)
         return out
+
+    # -- store health ---------------------------------------------------------------------------------------
+
+    def write_budget(self, t0: float) -> float:
+        """How long a store write for a part received at `t0` may wait for another writer: until its answer is
+        due (batching.timeout_s), and at least MIN_WRITE_S."""
+        return max(MIN_WRITE_S, t0 + self.config.batching.timeout_s - time.perf_counter())
+
+    def store_failed(self, exc: BaseException, parts: int) -> None:
+        if self.store_error is None:
+            self.store_error_since = datetime.now(UTC)
+        if not store_busy(exc):
+            self.hold_until_space = True
+            if not store_full(exc):
+                logger.warning("store failure not recognised as a full disk; holding parts until space is checked")
+        if not (isinstance(exc, OSError) and "still short of space" in str(exc)):  # keep the first cause
+            self.store_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if parts:
+            logger.error("decision store write failed (%d parts held as review): %s", parts, self.store_error)
+            self.metrics.errors.labels("store").inc(parts)
+
+    def store_ok(self) -> None:
+        if self.store_error is not None and not self.hold_until_space:  # a small row fitting: not space back
+            logger.warning("decision store writes work again (failing since %s)", self.store_error_since)
+            self.store_error = self.store_error_since = None
+
+    def _space_back(self) -> bool:
+        """While the store is short of space: has its filesystem STORE_MIN_FREE_BYTES free again?"""
+        try:
+            free = shutil.disk_usage(self.store.media_dir).free
+        except OSError:
+            return False
+        if free >= STORE_MIN_FREE_BYTES:
+            logger.warning("decision store has %.1f MiB free again: giving verdicts again", free / 2**20)
+            self.hold_until_space = False
+        return not self.hold_until_space
+
+    def _degraded_hold(self, result: InspectionResult, exc: BaseException) -> InspectionResult:
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        return result.model_copy(
+            update={
+                "verdict": Verdict.review,
+                "reason": f"store_degraded: the {result.verdict.value} verdict could not be stored with its image "
+                f"({why}); the part is held without it",
+            }
+        )
+
+    def store_hold(self, result: InspectionResult, data: bytes | None, source: str, t0: float) -> None:
+        """Store a held `review` decision with the bytes that came (QA sees them); when that fails for any
+        reason but a busy store (disk full: the image does not fit), store it without them. Raises when
+        neither could be stored."""
+        try:
+            self.store.record_inspection(result, data, None, source, timeout_s=self.write_budget(t0))
+        except Exception as exc:
+            if not data or store_busy(exc):
+                self.store_failed(exc, 0)
+                raise
+            logger.warning("held %s: storing it without its image (%s)", result.request_id, exc)
+            try:
+                self.store.record_inspection(result, None, None, source, timeout_s=self.write_budget(t0))
+            except Exception as exc2:
+                self.store_failed(exc2, 0)
+                raise
+        else:
+            self.store_ok()
+
+    def begin_drain(self) -> None:
+        """Stop taking parts (each new one is held: 503 + stored `review`; /readyz 503); in-flight ones finish."""
+        if not self.draining.is_set():
+            logger.warning("shutting down: new parts are held (503 + review) while in-flight parts finish")
+            self.draining_since = time.perf_counter()
+        self.draining.set()
+
+    def degraded_reasons(self) -> list[str]:
+        """Why this runner serves, but not as it should (/readyz `degraded`)."""
+        reasons = []
+        if self.swapper is not None:
+            reasons += self.swapper.degraded_reasons()
+        if self.store_error is not None:
+            since = f"{self.store_error_since:%H:%M:%S}" if self.store_error_since else "?"
+            reasons.append(f"decision store writes failing since {since} UTC: {self.store_error}")
+        if self.hold_until_space:
+            reasons.append(
+                f"decision store short of space: every part is held (review) until {STORE_MIN_FREE_BYTES >> 20} MiB "
+                "are free"
+            )
+        return reasons
 
     def observe_drift(self, image: Any, score: float, verdict: str, version: str) -> None:
         """Feed the drift monitor (well under 1 ms); its reference belongs to the model version that scored."""
@@ -381,16 +505,25 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
         try:
             # keep what was sent (when it is not absurdly large): QA sees exactly what the camera gave
             keep = data if data and len(data) <= limits.max_bytes else None
-            await run_in_threadpool(rt.store.record_inspection, result, keep, None, "http")
+            await run_in_threadpool(rt.store_hold, result, keep, "http", t0)
         except Exception:
             logger.exception("decision store write failed for held request %s", request_id)
             rt.metrics.errors.labels("store").inc()
             status = 503
+            body = InspectError(
+                detail=f"{message}; the hold could not be stored either",
+                reason="store_error",
+                result=result.model_copy(update={"reason": f"store_error: {result.reason}"}),
+            )
+            return Response(body.model_dump_json(), status_code=status, media_type="application/json")
         else:
             rt.after_record(result, "http")
         logger.warning("request %s part %s held (%s): %s", request_id, part_id, reason, message)
         body = InspectError(detail=message, reason=reason, result=result)
-        return Response(body.model_dump_json(), status_code=status, media_type="application/json")
+        # draining: close the connection after this answer, so the client's next part opens a new one, which is
+        # held while the port is open and refused cleanly once it closes (never a reset of a sent request)
+        headers = {"Connection": "close"} if rt.draining.is_set() else None
+        return Response(body.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
 
     @app.post(
         "/v1/inspect",
@@ -447,6 +580,8 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
                 sid = sid or _field(request.headers.get("x-station"), "X-Station")
                 if pid is None:
                     raise _Held(400, "missing_part_id", "part_id is required (query, form field or X-Part-Id)")
+                if rt.draining.is_set() and t0 >= rt.draining_since:  # one that came before the signal is answered
+                    raise _Held(503, "shutting_down", "the runner is shutting down; the part is held")
                 image = decode_image(data, limits)
                 sha = hashlib.sha256(data).hexdigest()
                 pending = Pending(request_id, pid, sid or config.station, t0, data, sha)
@@ -484,6 +619,9 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
         if decided is None:  # cannot happen: only a part claimed by a timeout is skipped, and that one returned
             raise RuntimeError(f"request {request_id}: the worker skipped a part nobody held")
         result = decided.result
+        if decided.held:  # stored as a `review` hold: the verdict did not fit in the store with its image
+            body = InspectError(detail=result.reason or "", reason="store_degraded", result=result)
+            return Response(body.model_dump_json(), status_code=503, media_type="application/json")
         if not decided.stored:
             body = InspectError(
                 detail="the decision could not be stored; the part is held",
@@ -530,7 +668,12 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
         }
         if current is None and rt.swapper is not None:
             body["error"] = rt.swapper.last_error
-        return JSONResponse(body, status_code=200 if current is not None else 503)
+        reasons = rt.degraded_reasons()
+        body["degraded"] = bool(reasons) and current is not None  # serving, but something needs a look
+        body["degraded_reasons"] = reasons
+        if rt.draining.is_set():
+            body["ready"], body["draining"] = False, True
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics", dependencies=[metrics_auth])
     async def metrics() -> Response:
@@ -564,7 +707,35 @@ def run_runner(config: RunnerConfig) -> None:
         config.http.host,
         config.http.port,
     )
-    uvicorn.run(app, host=config.http.host, port=config.http.port, **kwargs)
+    # after the drain, parts still in flight get up to their timeout (plus a margin) before uvicorn gives up
+    server_config = uvicorn.Config(
+        app,
+        host=config.http.host,
+        port=config.http.port,
+        timeout_graceful_shutdown=int(config.batching.timeout_s) + 2,
+        **kwargs,
+    )
+    draining_server(server_config, runtime_of(app), config.drain_s).run()
+
+
+def draining_server(config: Any, runtime: Runtime, drain_s: float) -> Any:
+    """uvicorn's Server with a drain on SIGTERM/SIGINT: for `drain_s` the runner keeps its port open, holds every
+    new part (503 + stored `review`: a client on an open connection gets an answer and a decision instead of a
+    reset) and reports /readyz 503, while in-flight parts are answered; then uvicorn's own graceful shutdown
+    (in-flight requests finish, the lifespan stops the runtime). A second signal ends the drain at once."""
+    import uvicorn
+
+    class _DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if drain_s <= 0 or runtime.draining.is_set():
+                super().handle_exit(sig, frame)
+                return
+            runtime.begin_drain()
+            timer = threading.Timer(drain_s, lambda: setattr(self, "should_exit", True))
+            timer.daemon = True
+            timer.start()
+
+    return _DrainingServer(config)
 
 
 def runtime_of(app: FastAPI) -> Runtime:

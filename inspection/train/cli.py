@@ -22,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, default=None, help="YAML file of TrainConfig fields (configs/train.yaml)"
     )
     parser.add_argument("--data", default=None, help="store folder, manifest.sqlite or def_front/ok_front folder")
-    parser.add_argument("--mode", choices=("head", "partial", "full"), default=None, help="fine-tuning mode")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "head", "partial", "full"),
+        default=None,
+        help="fine-tuning mode; auto picks mode and input size by grouped cross-validation within auto_budget_s",
+    )
     parser.add_argument(
         "--exclude",
         default=None,

@@ -9,7 +9,7 @@ from inspection.errors import ConfigError
 
 LITE0 = "tf_efficientnet_lite0"  # same name as inspection.models.backbone.LITE0 (kept here: no torch import)
 
-MODES = ("head", "partial", "full")
+MODES = ("head", "partial", "full", "auto")
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,12 @@ class TrainConfig:
     pretrained: bool = True  # False = from scratch (only for the data-efficiency comparison)
     weights: str | None = None  # local weights file for backbones other than tf_efficientnet_lite0
     input_size: int = 224  # the weights were trained at 224; smaller is faster on a CPU
+    resize: Literal["squash", "letterbox"] = "squash"  # letterbox keeps a non-square photo's aspect (padded)
     dropout: float = 0.2  # before the linear head
-    mode: Literal["head", "partial", "full"] = "partial"  # configs/train.yaml: head on tapped multi-stage features
+    mode: Literal["head", "partial", "full", "auto"] = "partial"  # auto: picked by grouped CV (configs/train.yaml)
+    auto_budget_s: float = 900.0  # auto: wall seconds for the search and the final fit on this machine
+    auto_modes: tuple[str, ...] = ("head", "partial")  # auto: the modes it may try (full is rarely affordable)
+    auto_max_size: int = 448  # auto: the largest input it tries (the photos' median long side, up to this)
     taps: tuple[int, ...] = ()  # backbone stages whose pooled outputs the head reads besides the last features
     # (configs/train.yaml: 2-6); the heatmap then combines their class-activation maps on a 1/16 grid
     validation: Literal["crossfit", "split"] = "crossfit"  # crossfit: K folds by part, thresholds from all
@@ -65,6 +69,7 @@ class TrainConfig:
     head_solver: Literal["lbfgs", "adamw"] = "lbfgs"  # head mode: convex L2 logistic regression, or the AdamW loop
     head_c: float = 0.01  # lbfgs: inverse L2 strength on standardised features (grouped CV: 0.01-0.03 best)
     calibration: Literal["platt", "none"] = "platt"  # scale logits so a score is a probability (fitted out of fold)
+    defect_types: bool = True  # learn the defect types the labels name (label map `crack: defect:crack`)
     exclude: str | None = None  # registry folder or golden.json: its parts never reach training or calibration
     frozen_engine: Literal["auto", "onnxruntime", "torch"] = "auto"  # auto: onnxruntime on the CPU, torch on CUDA
     trainable_blocks: int = 2  # partial: last N backbone stages (plus conv_head) are trained
@@ -141,6 +146,11 @@ class TrainConfig:
             )
         if self.max_per_class is not None and self.max_per_class < 1:
             raise ConfigError(f"max_per_class: got {self.max_per_class}, allowed >= 1 or null")
+        bad_modes = [m for m in self.auto_modes if m not in MODES[:3]]
+        if bad_modes or not self.auto_modes:
+            raise ConfigError(f"auto_modes: got {list(self.auto_modes)}, allowed a non-empty subset of {MODES[:3]}")
+        if not self.auto_budget_s > 0:
+            raise ConfigError(f"auto_budget_s: got {self.auto_budget_s}, allowed > 0 seconds")
         if self.folds < 2:
             raise ConfigError(f"folds: got {self.folds}, allowed >= 2")
         if not self.head_c > 0:

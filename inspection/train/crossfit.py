@@ -50,12 +50,19 @@ def part_folds(targets: np.ndarray, groups: Sequence[str], k: int, seed: int) ->
     return folds
 
 
-def inner_split(folds: np.ndarray, held: int) -> tuple[np.ndarray, np.ndarray]:
-    """For fold `held`'s model: train on the folds except `held` and the next one, stop early on the next one."""
-    k = int(folds.max()) + 1
-    stop = (held + 1) % k
-    train = np.flatnonzero((folds != held) & (folds != stop))
-    return train, np.flatnonzero(folds == stop)
+def inner_split(
+    folds: np.ndarray, held: int, targets: np.ndarray, groups: Sequence[str], share: float = 0.15, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """For fold `held`'s model: (train, stop) indices. About `share` of the other folds' parts (whole parts,
+    label-stratified) decide the early stop; the rest train. Never the held-out fold: it is scored, not used."""
+    rest = np.flatnonzero(folds != held)
+    groups = np.asarray(groups)
+    k = max(2, int(round(1 / share)))
+    try:
+        inner = part_folds(np.asarray(targets)[rest], groups[rest], k, seed + held)
+    except DataError:  # too few parts of a class to hold any out: stop on the training parts themselves
+        return rest, rest
+    return rest[inner != 0], rest[inner == 0]
 
 
 @dataclass

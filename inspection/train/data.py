@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from inspection.errors import DataError
 from inspection.images import read_image
+from inspection.preprocess import PreprocessConfig, letterbox_image, preprocess_for
 from inspection.train.config import AugmentConfig, TrainConfig
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # otherwise every import asks the registry for a version
@@ -109,6 +110,19 @@ def common_size(samples: Sequence[Any], limit: int = 2000) -> tuple[int, int]:
     return counts.most_common(1)[0][0]
 
 
+def loader_preprocess(config: TrainConfig) -> PreprocessConfig:
+    """The preprocessing `build_net_for(config)` gives the network, without building it (for the loaders)."""
+    return preprocess_for(config.backbone, config.input_size, config.resize)
+
+
+def loader_size(samples: Sequence[Any], preprocess: PreprocessConfig | None = None) -> tuple[int, int]:
+    """(H, W) the loader brings every image to: the most common size (squash), or the network's square input
+    (letterbox: a non-square canvas would rescale photos squarer than it differently from serving)."""
+    if preprocess is not None and preprocess.resize == "letterbox":
+        return preprocess.input_size, preprocess.input_size
+    return common_size(samples)
+
+
 def data_fingerprint(samples: Sequence[Any]) -> str:
     """sha256 over the sorted training image hashes and labels: what a model was trained on."""
     h = hashlib.sha256()
@@ -151,6 +165,17 @@ class ImageDataset(Dataset):
     samples: Sequence[Any]
     size_hw: tuple[int, int]
     augment: Any | None = None
+    preprocess: PreprocessConfig | None = None  # the network's; letterbox: pad like it does, never squash
+
+    def __post_init__(self) -> None:
+        if self.letterbox and self.size_hw[0] != self.size_hw[1]:
+            raise DataError(
+                f"a letterbox loader needs a square size (the network's input, see loader_size), got {self.size_hw}"
+            )
+
+    @property
+    def letterbox(self) -> bool:
+        return self.preprocess is not None and self.preprocess.resize == "letterbox"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -159,6 +184,8 @@ class ImageDataset(Dataset):
         import cv2
 
         img = read_image(Path(self.samples[i].path))
+        if self.letterbox:
+            return img  # letterboxed in __getitem__, after augmentation (a 90-degree turn changes the aspect)
         if img.shape[:2] != tuple(self.size_hw):
             img = cv2.resize(img, (self.size_hw[1], self.size_hw[0]), interpolation=cv2.INTER_AREA)
         return img
@@ -167,6 +194,9 @@ class ImageDataset(Dataset):
         img = self.load(i)
         if self.augment is not None:
             img = self.augment(image=img)["image"]
+        if self.letterbox:
+            assert self.preprocess is not None
+            img = letterbox_image(img, self.size_hw[0], self.preprocess.fill_rgb)  # what the ONNX graph does
         label = self.samples[i].label
         return torch.from_numpy(np.ascontiguousarray(img)), LABEL_TO_TARGET[label] if label is not None else -1
 
@@ -189,7 +219,7 @@ def make_loader(
 ) -> DataLoader:
     """Train loaders shuffle (or sample class-balanced) and augment; evaluation loaders do neither."""
     augment = build_augment(config.augment, config.seed) if train else None
-    dataset = ImageDataset(samples, size_hw, augment)
+    dataset = ImageDataset(samples, size_hw, augment, loader_preprocess(config))
     sampler = None
     shuffle = train
     if train and config.balance == "sampler":

@@ -20,9 +20,9 @@ from inspection.models import InspectionNet
 from inspection.train.config import TrainConfig
 from inspection.train.crossfit import CrossFit, FoldReport, check_folds, fold_summary, inner_split, part_folds
 from inspection.train.data import make_loader, pos_weight_for, targets_of
-from inspection.train.frozen import FrozenFeatures, TrunkLayout, frozen_features, random_d4, tail_logits
+from inspection.train.frozen import FrozenFeatures, TrunkLayout, frozen_features, random_d4, tail_logits, tail_pooled
 from inspection.train.linear import fit_logistic
-from inspection.train.loop import FitState, fit, predict_logits, sigmoid
+from inspection.train.loop import FitState, fit, pooled_features, predict_logits, sigmoid
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class Fitted:
     frozen_seconds: float = 0.0
     frozen_engine: str = "none"
     crossfit: CrossFit | None = None
+    # the head's input features (N, D) of `calib_samples` from the final network (defect types are fitted on them)
+    features: Callable[[], np.ndarray] | None = None
     # single split: score the calibration and held-out samples again with the network as it is now (after the
     # calibration was folded into its head), so thresholds sit on the scores the exported model reproduces
     rescore: Callable[[], tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
@@ -64,6 +66,18 @@ class RowModel:
             return self.net.logits_from_pooled(rows)
         x, pooled = self.layout.split(rows)
         return tail_logits(self.net, x, self.layout.k, pooled)
+
+    @torch.no_grad()
+    def pooled(self, rows: torch.Tensor) -> np.ndarray:
+        """The head's input (N, D) for cached rows: the rows themselves, or the trained tail's pooled output."""
+        if self.layout is None:
+            return rows.numpy().astype(np.float64)
+        self.net.eval()
+        out = []
+        for i in range(0, len(rows), 256):
+            x, pooled = self.layout.split(rows[i : i + 256].to(self.device))
+            out.append(tail_pooled(self.net, x, self.layout.k, pooled).float().cpu())
+        return torch.cat(out).numpy().astype(np.float64)
 
     @torch.no_grad()
     def score(self, rows: torch.Tensor) -> np.ndarray:
@@ -256,99 +270,140 @@ def _fit_images(net, config, train, val, size_hw, device, epochs, out, generator
 
 
 # ---------------------------------------------------------------------------------------------- cross-fitting
-def fit_crossfit(net, config: TrainConfig, pool: Sequence[Any], size_hw, device, out: Path, generator) -> Fitted:
-    """K fold models by part (out-of-fold logits for every part), then the final model on every part.
+class CrossFitter:
+    """Cross-fitting in two steps, so that `auto` can compare candidates on their folds before paying for a
+    final fit: `run_folds()` (out-of-fold logits of every part), then `final_fit()` (the model on every part).
 
     Cached modes make one frozen pass over the pool (and its augmented views) that serves all folds and the
-    final fit. The L-BFGS head needs no schedule; AdamW-trained models early-stop each fold on the next fold
-    (never on the fold they score) and the final fit runs the folds' median early-stop epoch.
+    final fit. The L-BFGS head needs no schedule; AdamW-trained models early-stop each fold on ~15 % of its
+    training parts (never on the fold they score) and the final fit runs the folds' median early-stop epoch.
     """
-    pool = list(pool)
-    targets = targets_of(pool)
-    groups = [s.group_id for s in pool]
-    folds = part_folds(targets, groups, config.folds, config.seed)
-    check_folds(folds, groups)
-    k = int(folds.max()) + 1
-    logger.info("cross-fitting %d folds by part: %s", k, fold_summary(folds, targets, groups))
-    oof = np.zeros(len(pool))
-    reports: list[FoldReport] = []
-    cached = config.mode == "head" or (config.mode == "partial" and config.partial_cache)
-    lbfgs = config.mode == "head" and config.head_solver == "lbfgs"
-    initial = copy.deepcopy({n: v.detach().clone() for n, v in net.state_dict().items()})
-    ff: FrozenFeatures | None = None
-    model: RowModel | None = None
-    if cached:
-        ff, model = _cached_features(net, config, pool, size_hw, device, view_samples=pool)
-        views = ff.views
-        rows_np, views_np = ff.rows.numpy(), [v.numpy() for v in views]
-    for f in range(k):
-        t0 = time.perf_counter()
-        held = np.flatnonzero(folds == f)
-        best_epoch: int | None = None
-        fold_gen = torch.Generator().manual_seed(config.seed * 1000 + f)
-        if lbfgs:
-            head = _fit_lbfgs(config, rows_np, views_np, targets, np.flatnonzero(folds != f))
-            oof[held] = head.logits(rows_np[held])
-            n_train = int((folds != f).sum())
-        else:
-            net.load_state_dict(initial)
-            train_idx, stop_idx = inner_split(folds, f)
-            n_train = len(train_idx)
-            if cached:
-                st = _fit_rows(
-                    model, config, ff.rows, views, targets, train_idx, stop_idx, _epochs(config), None, fold_gen
-                )  # type: ignore[arg-type]
-                oof[held] = model.score(ff.rows[torch.as_tensor(held)])  # type: ignore[union-attr]
-            else:
-                train_s, stop_s = [pool[i] for i in train_idx], [pool[i] for i in stop_idx]
-                st = _fit_images(net, config, train_s, stop_s, size_hw, device, config.epochs, None, fold_gen)
-                oof[held] = predict_logits(net, [pool[i] for i in held], size_hw, 64, device, config)
-            best_epoch = st.best_epoch
-        reports.append(
-            FoldReport(
-                fold=f,
-                n_train=n_train,
-                n_held=len(held),
-                n_parts_held=len({groups[i] for i in held}),
-                best_epoch=best_epoch,
-                seconds=time.perf_counter() - t0,
-                held_auc=_auc(oof[held], targets[held]),
+
+    def __init__(self, net, config: TrainConfig, pool: Sequence[Any], size_hw, device, folds: np.ndarray | None = None):
+        self.net, self.config, self.pool, self.size_hw, self.device = net, config, list(pool), size_hw, device
+        self.targets = targets_of(self.pool)
+        self.groups = [s.group_id for s in self.pool]
+        self.folds = folds if folds is not None else part_folds(self.targets, self.groups, config.folds, config.seed)
+        check_folds(self.folds, self.groups)
+        self.cached = config.mode == "head" or (config.mode == "partial" and config.partial_cache)
+        self.lbfgs = config.mode == "head" and config.head_solver == "lbfgs"
+        self.initial = copy.deepcopy({n: v.detach().clone() for n, v in net.state_dict().items()})
+        self.ff: FrozenFeatures | None = None
+        self.model: RowModel | None = None
+        self.views: list[torch.Tensor] = []
+        self.crossfit: CrossFit | None = None
+
+    def frozen_pass(self) -> None:
+        if self.cached and self.ff is None:
+            self.ff, self.model = _cached_features(
+                self.net, self.config, self.pool, self.size_hw, self.device, view_samples=self.pool
             )
+            self.views = self.ff.views
+
+    def run_folds(self) -> CrossFit:
+        config, net, pool, targets, groups, folds = (
+            self.config,
+            self.net,
+            self.pool,
+            self.targets,
+            self.groups,
+            self.folds,
         )
-        logger.info(
-            "fold %d/%d: %d photos held out, AUC %s, %.1f s%s",
-            f + 1,
-            k,
-            len(held),
-            "n/a" if reports[-1].held_auc is None else f"{reports[-1].held_auc:.4f}",
-            reports[-1].seconds,
-            f", best epoch {best_epoch}" if best_epoch is not None else "",
-        )
-    cf = CrossFit(folds=folds, oof_logits=oof, reports=reports)
-    everything = np.arange(len(pool))
-    net.load_state_dict(initial)
-    if lbfgs:
-        head = _fit_lbfgs(config, rows_np, views_np, targets, everything)
-        _set_head(net, head.weight, head.bias)
-        state = _lbfgs_state()
-    else:
-        epochs = max(1, cf.final_epochs() or _epochs(config))
-        logger.info("final fit on all %d photos for %d epochs (the folds' median early stop)", len(pool), epochs)
-        if cached:
-            state = _fit_rows(model, config, ff.rows, views, targets, everything, None, epochs, out, generator)  # type: ignore[arg-type]
+        k = int(folds.max()) + 1
+        logger.info("cross-fitting %d folds by part: %s", k, fold_summary(folds, targets, groups))
+        self.frozen_pass()
+        ff, model, views = self.ff, self.model, self.views
+        if self.lbfgs:
+            rows_np, views_np = ff.rows.numpy(), [v.numpy() for v in views]  # type: ignore[union-attr]
+        oof = np.zeros(len(pool))
+        reports: list[FoldReport] = []
+        for f in range(k):
+            t0 = time.perf_counter()
+            held = np.flatnonzero(folds == f)
+            best_epoch: int | None = None
+            fold_gen = torch.Generator().manual_seed(config.seed * 1000 + f)
+            if self.lbfgs:
+                head = _fit_lbfgs(config, rows_np, views_np, targets, np.flatnonzero(folds != f))
+                oof[held] = head.logits(rows_np[held])
+                n_train = int((folds != f).sum())
+            else:
+                net.load_state_dict(self.initial)
+                train_idx, stop_idx = inner_split(folds, f, targets, groups, seed=config.seed)
+                n_train = len(train_idx)
+                if self.cached:
+                    epochs = _epochs(config)
+                    st = _fit_rows(model, config, ff.rows, views, targets, train_idx, stop_idx, epochs, None, fold_gen)  # type: ignore[arg-type,union-attr]
+                    oof[held] = model.score(ff.rows[torch.as_tensor(held)])  # type: ignore[union-attr]
+                else:
+                    train_s, stop_s = [pool[i] for i in train_idx], [pool[i] for i in stop_idx]
+                    st = _fit_images(
+                        net, config, train_s, stop_s, self.size_hw, self.device, config.epochs, None, fold_gen
+                    )
+                    oof[held] = predict_logits(net, [pool[i] for i in held], self.size_hw, 64, self.device, config)
+                best_epoch = st.best_epoch
+            reports.append(
+                FoldReport(
+                    fold=f,
+                    n_train=n_train,
+                    n_held=len(held),
+                    n_parts_held=len({groups[i] for i in held}),
+                    best_epoch=best_epoch,
+                    seconds=time.perf_counter() - t0,
+                    held_auc=_auc(oof[held], targets[held]),
+                )
+            )
+            logger.info(
+                "fold %d/%d: %d photos held out, AUC %s, %.1f s%s",
+                f + 1,
+                k,
+                len(held),
+                "n/a" if reports[-1].held_auc is None else f"{reports[-1].held_auc:.4f}",
+                reports[-1].seconds,
+                f", best epoch {best_epoch}" if best_epoch is not None else "",
+            )
+        self.crossfit = CrossFit(folds=folds, oof_logits=oof, reports=reports)
+        return self.crossfit
+
+    def final_fit(self, out: Path, generator) -> Fitted:
+        cf = self.crossfit if self.crossfit is not None else self.run_folds()
+        config, net, pool, targets = self.config, self.net, self.pool, self.targets
+        ff, model, views = self.ff, self.model, self.views
+        everything = np.arange(len(pool))
+        net.load_state_dict(self.initial)
+        if self.lbfgs:
+            rows_np, views_np = ff.rows.numpy(), [v.numpy() for v in views]  # type: ignore[union-attr]
+            head = _fit_lbfgs(config, rows_np, views_np, targets, everything)
+            _set_head(net, head.weight, head.bias)
+            state = _lbfgs_state()
         else:
-            state = _fit_images(net, config, pool, [], size_hw, device, epochs, out, generator)
-    n_views = len(views) if cached else 0
-    seen = (k + 1) * len(pool) * (1 + n_views)
-    return Fitted(
-        "oof",
-        pool,
-        oof,
-        {},
-        {},
-        state,
-        images_seen=seen,
-        frozen_seconds=ff.seconds if ff else 0.0,
-        frozen_engine=ff.engine if ff else "none",
-        crossfit=cf,
-    )
+            epochs = max(1, cf.final_epochs() or _epochs(config))
+            logger.info("final fit on all %d photos for %d epochs (the folds' median early stop)", len(pool), epochs)
+            if self.cached:
+                state = _fit_rows(model, config, ff.rows, views, targets, everything, None, epochs, out, generator)  # type: ignore[arg-type,union-attr]
+            else:
+                state = _fit_images(net, config, pool, [], self.size_hw, self.device, epochs, out, generator)
+        seen = (cf.k + 1) * len(pool) * (1 + len(views))
+
+        def features() -> np.ndarray:
+            if model is not None and ff is not None:
+                return model.pooled(ff.rows)
+            return pooled_features(net, pool, self.size_hw, self.device, config)
+
+        return Fitted(
+            "oof",
+            pool,
+            cf.oof_logits,
+            {},
+            {},
+            state,
+            images_seen=seen,
+            frozen_seconds=ff.seconds if ff else 0.0,
+            frozen_engine=ff.engine if ff else "none",
+            crossfit=cf,
+            features=features,
+        )
+
+
+def fit_crossfit(net, config: TrainConfig, pool: Sequence[Any], size_hw, device, out: Path, generator) -> Fitted:
+    """K fold models by part (out-of-fold logits for every part), then the final model on every part."""
+    return CrossFitter(net, config, pool, size_hw, device).final_fit(out, generator)

@@ -116,6 +116,11 @@ def trunk_activations(net: InspectionNet, images: torch.Tensor, k: int) -> torch
 
 def tail_logits(net: InspectionNet, x: torch.Tensor, k: int, frozen_pooled: torch.Tensor | None = None) -> torch.Tensor:
     """The rest of the network from stage k on, then the head: (N, C, h, w) [+ pooled frozen taps] -> logits (N,)."""
+    return net.logits_from_pooled(tail_pooled(net, x, k, frozen_pooled))
+
+
+def tail_pooled(net: InspectionNet, x: torch.Tensor, k: int, frozen_pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """The head's input from stage k on: (N, C, h, w) [+ pooled frozen taps] -> pooled features (N, D)."""
     bb = net.backbone
     pooled = [frozen_pooled] if frozen_pooled is not None and frozen_pooled.shape[1] else []
     for i, stage in enumerate(bb.blocks[k:], start=k):
@@ -124,7 +129,7 @@ def tail_logits(net: InspectionNet, x: torch.Tensor, k: int, frozen_pooled: torc
             pooled.append(x.mean(dim=(2, 3)))
     x = bb.bn2(bb.conv_head(x))
     pooled.append(x.mean(dim=(2, 3)))
-    return net.logits_from_pooled(torch.cat(pooled, dim=1))
+    return torch.cat(pooled, dim=1)
 
 
 def trunk_layout(net: InspectionNet, k: int, size_hw: tuple[int, int]) -> TrunkLayout:

@@ -69,6 +69,7 @@ def build_net_for(config: TrainConfig) -> InspectionNet:
         pretrained=config.pretrained,
         weights=config.weights,
         input_size=config.input_size,
+        resize=config.resize,
         dropout=config.dropout,
         taps=config.taps,
     )
@@ -200,6 +201,22 @@ def predict_logits(
         out.append(logits.float().cpu())
     net.train(was_training)
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+@torch.no_grad()
+def pooled_features(
+    net: InspectionNet, samples: Sequence[Any], size_hw: tuple[int, int], device: torch.device, config: TrainConfig
+) -> np.ndarray:
+    """The head's input (N, D) for `samples` through the whole network (no augmentation)."""
+    net.eval()
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(samples, size_hw), batch_size=64, shuffle=False, generator=torch.Generator()
+    )
+    out = []
+    for images, _ in loader:
+        with amp_context(device, config):
+            out.append(net.pooled_features(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, sum(net.widths)))
 
 
 def predict_scores(

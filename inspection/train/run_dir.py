@@ -47,6 +47,7 @@ def checkpoint_payload(net: InspectionNet, config: TrainConfig, epoch: int) -> d
         "epoch": int(epoch),
         "num_features": int(net.head.in_features),
         "taps": list(net.taps),
+        "type_names": list(net.type_names),
     }
 
 
@@ -86,7 +87,14 @@ def net_from_checkpoint(ckpt: dict[str, Any]) -> InspectionNet:
     body = create_backbone(ckpt["backbone"], pretrained=False)
     preprocess = PreprocessConfig.from_dict(ckpt["preprocess"])
     taps = tuple(ckpt.get("taps", ()))  # runs written before taps existed read the last features only
-    net = InspectionNet(body, int(body.num_features), preprocess, dropout=float(ckpt.get("dropout", 0.2)), taps=taps)
+    net = InspectionNet(
+        body,
+        int(body.num_features),
+        preprocess,
+        dropout=float(ckpt.get("dropout", 0.2)),
+        taps=taps,
+        type_names=tuple(ckpt.get("type_names", ())),
+    )
     net.load_state_dict(ckpt["model_state"], strict=True)
     return net.eval()
 

@@ -173,7 +173,17 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     apply_freeze(net, config)
 
     t_start = time.perf_counter()
-    if config.validation == "crossfit":
+    auto = None
+    if config.mode == "auto":
+        from inspection.train.auto import run_auto
+
+        if not pool:
+            raise DataError(f"no labelled photos to train on in {data} (after {excluded})")
+        splits = {"train": pool, "val": [], "test": []}
+        size_hw = common_size(pool)
+        fitted, config, net, auto = run_auto(config, pool, device, out, generator)
+        save_config(config, out / "config.yaml")  # the resolved recipe: what export and later runs read
+    elif config.validation == "crossfit":
         if not pool:
             raise DataError(f"no labelled photos to train on in {data} (after {excluded})")
         splits = {"train": pool, "val": [], "test": []}
@@ -211,6 +221,13 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         config.review_fraction,
         config.review_max_ok_rate,
     )
+    types = None
+    if config.defect_types and fitted.features is not None:
+        from inspection.train.types import fit_types, typed_defects
+
+        if len(typed_defects(fitted.calib_samples)[1]) >= 2:
+            folds = fitted.crossfit.folds if fitted.crossfit else None
+            types = fit_types(net, fitted.calib_samples, fitted.features(), folds, config)
     metrics = {k: evaluate_scores(scores[k], labels[k], thresholds) for k in scores if len(scores[k])}
     calibration = calibration_report(scores[calib], labels[calib], thresholds, config.target_escape_rate)
     calibration.update(
@@ -229,6 +246,8 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     fingerprint = data_fingerprint(splits["train"])
     created = datetime.now(UTC)
     validation = f"crossfit, {fitted.crossfit.k} folds by part" if fitted.crossfit else "split"
+    if auto is not None:
+        validation += f"; mode auto: {auto.why}"
     card = ModelCard(
         version=f"{created:%Y%m%dT%H%M%S}-{config.mode}-{fingerprint[:8]}",
         created_at=created,
@@ -247,6 +266,8 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         validation=validation,
         part_metrics=parts,
         excluded=excluded,
+        defect_types=list(types["types"]) if types else [],
+        type_metrics=types or {},
     )
     images_per_second = fitted.images_seen / max(fit_seconds, 1e-9)
     extra = {
@@ -264,6 +285,7 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         "counts": {k: {"n": len(v), "defect": int(targets_of(v).sum()) if v else 0} for k, v in splits.items()},
         "excluded": excluded,
         "crossfit": fitted.crossfit.to_dict() if fitted.crossfit else None,
+        "auto": auto.to_dict() if auto else None,
     }
     write_run(out, net, config, card, splits, extra, epoch=fitted.state.best_epoch)
     # raw scores in samples.json order: re-plot or re-threshold without the network

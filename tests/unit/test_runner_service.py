@@ -217,9 +217,9 @@ def test_verdict_being_stored_when_the_timeout_fires_is_answered_not_held(tmp_pa
     app, rt = _app(tmp_path, config=cfg)
     record_many = rt.store.record_many
 
-    def slow(decisions):
+    def slow(decisions, **kw):
         time.sleep(0.5)
-        record_many(decisions)
+        record_many(decisions, **kw)
 
     rt.store.record_many = slow
     with TestClient(app) as c:
@@ -231,7 +231,7 @@ def test_verdict_being_stored_when_the_timeout_fires_is_answered_not_held(tmp_pa
 def test_store_failure_answers_503_review_and_the_part_is_held(tmp_path):
     app, rt = _app(tmp_path)
 
-    def broken(decisions):
+    def broken(decisions, **kw):
         raise OSError("disk full")
 
     rt.store.record_many = broken
@@ -297,9 +297,9 @@ def test_concurrent_requests_are_micro_batched_and_all_logged(tmp_path):
     writes: list[int] = []
     record_many = rt.store.record_many
 
-    def counted(decisions):
+    def counted(decisions, **kw):
         writes.append(len(decisions))
-        record_many(decisions)
+        record_many(decisions, **kw)
 
     rt.store.record_many = counted
     with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:

@@ -127,7 +127,7 @@ async def hold(
     rt.metrics.errors.labels(reason).inc()
     keep = data if data and len(data) <= rt.config.image_limits.max_bytes else None  # QA sees what came
     try:
-        await asyncio.to_thread(rt.store.record_inspection, result, keep, None, SOURCE)
+        await asyncio.to_thread(rt.store_hold, result, keep, SOURCE, t0)  # without the image if it cannot fit
     except Exception:
         logger.exception("decision store write failed for held request %s", request_id)
         rt.metrics.errors.labels("store").inc()
