@@ -18,8 +18,9 @@ and registry_vanish mount small tmpfs filesystems (root needed) and unmount them
 Model: pretrained EfficientNet-Lite0 at the camera's 300 px (what production serves) with a fresh head, exported
 here once (torch needed in this process only) into OUT_DIR/export-lite0-300; its thresholds are set at the
 thirds of its scores on real photos, so the stream gets pass, review and reject verdicts (inference cost does not
-depend on the head's weights). `--model EXPORT_DIR` uses another export. Prints one JSON object and writes it
-to --out.
+depend on the head's weights). The export gets a `smoke_reference.json` (its outputs on the runner's smoke
+frames), as an export should, so the runner can refuse a file damaged before it was hashed. `--model EXPORT_DIR`
+uses another export. Prints one JSON object and writes it to --out.
 """
 
 from __future__ import annotations

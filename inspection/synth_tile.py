@@ -149,14 +149,14 @@ def _crack(rng, img, mask, box, severity):
             x, direction = right - 2, np.pi
     else:
         (x, y), direction = _point_on(rng, box, 0.15), rng.uniform(0, 2 * np.pi)
-    length = 12 + severity * rng.uniform(20, 80)
+    length = 20 + severity * rng.uniform(30, 90)
     steps = 10
     pts = [(x, y)]
     for _ in range(steps):
         direction += rng.uniform(-0.45, 0.45)
         px, py = pts[-1]
         pts.append((px + length / steps * np.cos(direction), py + length / steps * np.sin(direction)))
-    width = 1 if severity < 0.6 else 2
+    width = 1 if severity < 0.4 else 2 if severity < 0.85 else 3
     lines = [np.array(pts, np.int32)]
     if rng.random() < 0.3:
         k = int(rng.integers(3, steps - 2))
@@ -168,7 +168,7 @@ def _crack(rng, img, mask, box, severity):
     cv2.polylines(layer, lines, False, 255, width, lineType=cv2.LINE_AA)
     tile = np.zeros(img.shape, np.float32)
     tile[top:bottom, left:right] = 1.0
-    img -= layer.astype(np.float32) / 255.0 * tile * (25 + 35 * severity)
+    img -= layer.astype(np.float32) / 255.0 * tile * (40 + 40 * severity)
     wide = np.zeros(img.shape, np.uint8)
     cv2.polylines(wide, lines, False, 1, width + 2)
     mask[(wide > 0) & (tile > 0)] = 1
@@ -177,7 +177,7 @@ def _crack(rng, img, mask, box, severity):
 def _chip(rng, img, mask, box, severity, fixture):
     # a piece broken off an edge or a corner: the fixture shows through the notch, its broken rim is bright
     top, left, bottom, right = box
-    depth = 4 + severity * rng.uniform(6, 30)
+    depth = 6 + severity * rng.uniform(6, 30)
     half = depth * rng.uniform(0.8, 1.8)
     if rng.random() < 0.4:  # a corner
         cy, cx = (top, bottom)[int(rng.integers(2))], (left, right)[int(rng.integers(2))]
@@ -219,7 +219,7 @@ def _fray(rng, img, mask, box, severity, fixture):
     band = np.zeros(img.shape, np.uint8)
     t = start
     while t < start + length:
-        size = rng.uniform(1.0, 2.0 + 3.5 * severity)
+        size = rng.uniform(2.0, 4.0 + 5.0 * severity)  # how deep the bite goes into the tile
         width = rng.uniform(1.5, 4.0)
         if side < 2:
             y = top if side == 0 else bottom - 1
@@ -228,14 +228,19 @@ def _fray(rng, img, mask, box, severity, fixture):
             x = left if side == 2 else right - 1
             cv2.ellipse(band, (int(x), int(top + t)), (int(size), int(width)), 0, 0, 360, 1, -1)
         t += width * rng.uniform(1.2, 2.5)
+    tile = np.zeros(img.shape, np.uint8)
+    tile[top:bottom, left:right] = 1
+    band &= tile
     img[band > 0] = fixture[band > 0] * 0.9 + img[band > 0] * 0.1
-    mask[cv2.dilate(band, np.ones((3, 3), np.uint8)) > 0] = 1
+    rim = (cv2.dilate(band, np.ones((3, 3), np.uint8)) > 0) & (band == 0) & (tile > 0)
+    img[rim] += rng.uniform(8, 20)  # torn grains catch the light along the frayed edge
+    mask[(band > 0) | rim] = 1
 
 
 def _uneven(rng, img, mask, box, severity):
     # a patch of different density: a soft, blotchy area lighter or darker than the rest
     x, y = _point_on(rng, box, 0.15)
-    size = 10 + severity * rng.uniform(15, 45)
+    size = 14 + severity * rng.uniform(15, 45)
     blob = np.zeros(img.shape, np.float32)
     for _ in range(int(rng.integers(2, 5))):
         cx, cy = x + rng.normal(0, size / 3), y + rng.normal(0, size / 3)
@@ -247,7 +252,7 @@ def _uneven(rng, img, mask, box, severity):
     inside = np.zeros(img.shape, np.float32)
     inside[top:bottom, left:right] = 1.0
     blob *= inside
-    img += blob * float(rng.choice([-1, 1])) * (16 + 22 * severity)
+    img += blob * float(rng.choice([-1, 1])) * (22 + 22 * severity)
     mask[blob > 0.4] = 1
 
 
@@ -263,7 +268,7 @@ def make_tile(rng: np.random.Generator, defect: bool) -> Tile:
     if defect:
         kinds = tuple(str(k) for k in rng.choice(TILE_DEFECT_KINDS, size=1 if rng.random() < 0.7 else 2, replace=False))
         for kind in kinds:
-            severity = float(rng.uniform(0.15, 1.0))  # 0.15: a few pixels; 1.0: tens of pixels
+            severity = float(rng.uniform(0.25, 1.0))  # 0.25: a few pixels; 1.0: tens of pixels
             if kind in ("chip", "fray"):
                 {"chip": _chip, "fray": _fray}[kind](rng, surface, mask, box, severity, fixture)
             else:

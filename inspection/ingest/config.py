@@ -36,9 +36,9 @@ class IngestConfig:
     near_dup_min_similarity: float = 0.8
     # the general method (parts without a round cavity, e.g. flat tiles; inspection/ingest/dedup_general.py): the
     # same neighbours within this cosine distance of its symmetry-invariant descriptors (re-shots of one demo tile:
-    # ≤ 0.45), then the same part when the outline-aligned textures correlate at least this much (re-shots ≥ 0.69,
-    # different tiles ≤ 0.31, 960 photos of 320 demo tiles, one size or varied sizes)
-    near_dup_general_max_distance: float = 0.6
+    # ≤ 0.57), then the same part when the outline-aligned textures correlate at least this much (re-shots ≥ 0.73,
+    # different tiles ≤ 0.32; 960 photos of 320 demo tiles, of one size or of varied sizes)
+    near_dup_general_max_distance: float = 0.7
     near_dup_general_min_similarity: float = 0.5
     # decode+hash threads (0 = one per CPU core); OpenCV and hashlib release the GIL
     workers: int = 0

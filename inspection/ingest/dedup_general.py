@@ -16,9 +16,13 @@ either side up), a small shift and zoom, and the light. So:
 4. candidates: a descriptor that does not change under those symmetries (the projections of a 24x24 thumbnail
    on the symmetry group's characters, taken up to sign), so plain cosine neighbours propose pairs.
 
-Synthetic tiles (`inspection.synth_tile`, 3 re-shots of each of 120 tiles, see tests/unit/test_dedup_general.py):
-same-tile pairs score ≥ 0.3, different tiles ≤ 0.13. Local features (ORB + RANSAC similarity) were tried first
-and are not reliable on such fine granular texture: 3-10 % of same-tile pairs found < 10 inliers, at 5-17 ms a pair.
+Demo tiles (`inspection.synth_tile`: 960 photos, 3 re-shots of each of 320 tiles, varied sizes or all one size):
+re-shots of one tile score ≥ 0.73 (median 0.96), different tiles ≤ 0.32; a tile's other shots are always its
+nearest descriptors; ~1 ms a signature, 0.2-0.6 ms a pair. Ingest of those 960 photos: 320 groups, every pair
+right, 6 s. Local features (ORB + RANSAC similarity, on a mirrored copy too) were tried first and are not reliable
+on such fine granular texture: 3-10 % of re-shot pairs found < 10 inliers, at 4-17 ms a pair. Parts lying at any
+angle are aligned by their outline (tests/unit/test_dedup_general.py); a part that fills the frame must be turned
+by multiples of 90° (a tilt of a few degrees is absorbed by the shift search).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ the pooled outputs of earlier backbone stages (`taps`): mid-level texture featur
 casting's grain far better than the ImageNet-level top alone (grouped CV on the real photos: ROC-AUC 0.9982
 with the top only, 0.9993 with stages 2-6 tapped). Because every input of the head is an average-pooled map,
 applying its weights at every position of each map gives a class-activation map per stage; their sum, brought to
-one grid at 1/16 of the input (19x19 for 300 px), is the heatmap, and the mean of each stage's map is exactly
-its part of the logit, so the heatmap costs nothing extra and is consistent with the score by construction.
+one grid at 1/16 of the input (19x19 for 300 px), gives the heatmap (`evidence_map`); the mean of each stage's map
+is exactly its part of the logit, so the heatmap costs nothing extra and is consistent with the score.
 """
 
 from __future__ import annotations
@@ -135,7 +135,23 @@ class InspectionNet(nn.Module):
             elif part.shape[-1] < size:
                 part = F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False)
             cam = part if cam is None else cam + part
-        return torch.sigmoid(logit), torch.sigmoid(cam[:, 0] + self.head.bias)
+        prob = torch.sigmoid(logit)
+        return prob, evidence_map(cam[:, 0], prob)
+
+
+def evidence_map(cam: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) summed class-activation map -> heatmap in [0, 1]: where the evidence for a defect stands above the
+    image's own average, scaled to its peak and weighted by the defect probability, so a good part's map stays
+    faint and a defect's peaks at 1 on its strongest evidence.
+
+    Why not sigmoid(cam): across tapped stages the map's local logits span tens of units (the part's edges against
+    the table, the cavity against the flange), so the sigmoid saturates to 0 or 1 over whole regions and says
+    nothing; the shape of the map, not its level, is what points at a defect (argmax unchanged)."""
+    flat = cam.flatten(1)
+    z = (flat - flat.mean(dim=1, keepdim=True)) / (flat.std(dim=1, keepdim=True) + 1e-6)
+    z = torch.relu(z)
+    z = z / (z.amax(dim=1, keepdim=True) + 1e-6)
+    return (z * prob[:, None]).view_as(cam)
 
 
 def build_net(

@@ -142,6 +142,32 @@ class Inferencer:
             )
         return worst
 
+    def warm_up_peak(self, batch_size: int, concurrent: int) -> float:
+        """Run the largest batch the runner forms on as many sessions at once as it will use (the main session
+        and, with more workers, the busy one), so that onnxruntime's memory arenas grow to their peak now, while
+        the old model still serves, instead of creeping up under load for hours (bench/faults.py soak: +22 % RSS
+        in 10 min without it, flat with it) or running out of memory in a burst. Returns seconds spent."""
+        import threading
+
+        t0 = time.perf_counter()
+        frame = np.full((max(1, batch_size), self.input_size, self.input_size, 3), 100, np.uint8)
+        errors: list[BaseException] = []
+
+        def run(busy: bool) -> None:
+            try:
+                self.model.predict(frame, busy=busy)
+            except BaseException as exc:  # noqa: BLE001 - reported below, in the loading thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i > 0,)) for i in range(max(1, concurrent))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise ModelRejectedError(f"model {self.version}: warm-up at batch {batch_size} failed: {errors[0]}")
+        return time.perf_counter() - t0
+
     def warm_up(self, runs: int = 3, shapes: Sequence[tuple[int, int]] = ()) -> float:
         """Run a few inferences so the first real part does not pay for allocation; returns seconds spent."""
         t0 = time.perf_counter()
@@ -169,6 +195,8 @@ def load_inferencer(
     warmup_shapes: Sequence[tuple[int, int]] = (),
     spinning: str = "within_run",
     busy_threads: int | None = None,
+    peak_batch: int = 0,
+    peak_concurrency: int = 1,
 ) -> Inferencer:
     """Load `version` from the registry, verify (sha256 + smoke inference) and warm it. Never returns a model
     that failed a check: raises ModelRejectedError (or the registry's IntegrityError/RegistryError)."""
@@ -204,6 +232,8 @@ def load_inferencer(
             worst = inf.check_reference(reference)
             logger.info("model %s matches its export's smoke reference (max |Δ| %.1e)", version, worst)
     warm_s = inf.warm_up(warmup_runs, warmup_shapes)
+    if peak_batch > 1:  # the runner's largest micro-batch, on as many sessions at once as its workers use
+        warm_s += inf.warm_up_peak(peak_batch, peak_concurrency)
     logger.info(
         "model %s loaded from %s on %s (threads %s): verified and warm in %.2f s (warm-up %.2f s)",
         inf.version,

@@ -179,6 +179,8 @@ class Runtime:
                 model_file=config.model_file,
                 smoke_runs=config.swap.smoke_runs,
                 warmup_runs=config.warmup_runs,
+                peak_batch=config.batching.max_batch_size if config.warmup_runs else 0,
+                peak_concurrency=config.batching.workers,
             )
             swapper = HotSwapper(config.registry, holder, config.alias, config.swap.poll_s, metrics, loader)
         publisher = None

@@ -112,8 +112,14 @@ def _shot(page, folder: Path, name: str) -> Path:
 
 def _images_loaded(page) -> None:
     """Wait until every image of the page has arrived (the overlays are rendered on request, they come last)."""
+    import time
+
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # lazy thumbnails load once in view
-    page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=20_000)
+    # polled from Python: a polling wait_for_function evaluates a string, which the page's CSP forbids
+    deadline = time.monotonic() + 30
+    while not page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)"):
+        assert time.monotonic() < deadline, "images of the page did not load within 30 s"
+        time.sleep(0.1)
     page.evaluate("window.scrollTo(0, 0)")
 
 

@@ -93,3 +93,47 @@ def test_other_backbones_need_a_local_weights_file(tmp_path: Path):
     assert all(
         torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite1_and_lite2_weights_load_strictly_and_see_an_espresso(name):
+    import timm
+    from skimage.data import coffee
+
+    from inspection.models.backbone import load_lite_imagenet_state_dict
+
+    model = timm.create_model(name, pretrained=False).eval()
+    model.load_state_dict(load_lite_imagenet_state_dict(name), strict=True)  # every key renamed and used
+    x = Preprocessor(preprocess_for(name))(torch.from_numpy(coffee())[None])
+    assert preprocess_for(name).input_size == {"tf_efficientnet_lite1": 240, "tf_efficientnet_lite2": 260}[name]
+    with torch.no_grad():
+        probs = model(x).softmax(dim=1)[0]
+    assert int(probs.argmax()) == ESPRESSO
+
+
+def test_tapped_stages_feed_the_head_and_a_finer_heatmap():
+    torch.manual_seed(0)
+    net = build_net("tf_efficientnet_lite0", pretrained=False, input_size=300, taps=(2, 3, 4, 5, 6)).eval()
+    assert net.widths == (40, 80, 112, 192, 320, 1280) and net.head.in_features == 2024
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.02)
+        images = torch.randint(0, 256, (2, 300, 300, 3), dtype=torch.uint8)
+        prob, heatmap = net(images)
+        logits = net.forward_logits(images)
+    # the score is exactly the head on the pooled stages; the heatmap sits on a 19x19 grid (1/16 of 300 px)
+    assert torch.allclose(prob, torch.sigmoid(logits), atol=1e-5)
+    assert heatmap.shape == (2, 19, 19) and float(heatmap.min()) >= 0.0
+    # the evidence map peaks at the defect probability: a part the model calls good keeps a faint map
+    assert torch.allclose(heatmap.amax(dim=(1, 2)), prob, atol=1e-4)
+
+
+def test_the_heatmap_of_tapped_stages_points_at_a_planted_spot():
+    """The map peaks where the summed class-activation map is highest, scaled by the defect probability."""
+    from inspection.models.net import evidence_map
+
+    cam = torch.zeros(1, 19, 19)
+    cam[0, 4, 13] = 5.0
+    cam[0, 10, 10] = 2.0
+    h = evidence_map(cam, torch.tensor([0.9]))
+    assert divmod(int(h.flatten().argmax()), 19) == (4, 13) and float(h.max()) == pytest.approx(0.9, abs=1e-4)
+    assert float(evidence_map(cam, torch.tensor([0.01])).max()) == pytest.approx(0.01, abs=1e-4)

@@ -198,11 +198,6 @@ def test_letterbox_exports_with_dynamic_size_and_matches_pytorch_on_any_aspect(l
     report = check_parity(net, result.model_path, frames, result.card.thresholds, max_prob_diff=1e-5)
     assert report.passed and report.max_prob_diff <= 1e-5, report.failures
     assert report.max_heatmap_diff <= 1e-4
-    print(
-        f"letterbox parity: {report.n_images} frames {report.shapes}: max |dprob| {report.max_prob_diff:.2e}, "
-        f"max |dheatmap| {report.max_heatmap_diff:.2e}; export check {result.parity.max_prob_diff:.2e} / "
-        f"{result.shape_parity.max_prob_diff:.2e}"
-    )
 
 
 def test_model_card_carries_the_resize(letterbox_export) -> None:

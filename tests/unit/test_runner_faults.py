@@ -366,3 +366,35 @@ def test_smoke_reference_tells_damaged_weights_from_the_exported_model():
         bad.check_reference(reference)
     with pytest.raises(ModelRejectedError, match="unusable"):
         good.check_reference({"scores": [0.5]})
+
+
+# -- memory flat under load ---------------------------------------------------------------------------------------
+
+
+def test_model_memory_grows_to_its_peak_at_load_not_under_load(tmp_path):
+    """onnxruntime's arenas grow with the largest concurrent batches they have seen: the runner runs its largest
+    micro-batch on as many sessions at once as it has workers before a model serves (RSS then stays flat)."""
+    from inspection.runner.config import SwapConfig
+    from tests.fixtures.serving import FakeModel
+
+    class Recording(FakeModel):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[tuple[int, bool]] = []
+
+        def predict(self, batch, busy=False):
+            with self.lock:
+                self.calls.append((batch.shape[0], busy))
+            return super().predict(batch, busy)
+
+    inf = fake_inferencer()
+    inf.model = Recording()
+    inf.warm_up_peak(16, 3)
+    assert sorted(inf.model.calls) == [(16, False), (16, True), (16, True)]
+    cfg = replace(
+        RunnerConfig(store=str(tmp_path / "store"), registry=tmp_path / "reg", auth=AuthConfig(token=TOKEN)),
+        batching=BatchingConfig(max_batch_size=12, workers=2),
+        swap=SwapConfig(enabled=False),
+    )
+    loader = Runtime.build(cfg).swapper._load
+    assert loader.keywords["peak_batch"] == 12 and loader.keywords["peak_concurrency"] == 2
