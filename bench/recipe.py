@@ -22,7 +22,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -62,29 +61,34 @@ def frr_at_escape(scores: np.ndarray, targets: np.ndarray, escape: float = 0.005
     return float((scores[targets == 0] >= t).mean()), float(t)
 
 
-def runner_cost(run_dir: Path, n: int = 60) -> dict[str, float]:
-    """ms per part of the exported model in onnxruntime: 1 thread (the CPU a part costs), and the 2-thread
-    batch-1 latency the runner gives one part when idle."""
+def export_for_timing(run_dir: Path, path: Path) -> Path:
+    """The run's network as the runner loads it (dynamic-size ONNX), written once."""
     from inspection.export.onnx_export import trace_to_onnx
     from inspection.images import read_image
-    from inspection.onnx_infer import OnnxModel
     from inspection.train import load_run
 
-    run = load_run(run_dir)
-    image = read_image(Path(run.samples["train"][0].path))
+    if not path.is_file():
+        run = load_run(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trace_to_onnx(run.net, path, read_image(Path(run.samples["train"][0].path)), True, [])
+    return path
+
+
+def runner_cost(model_path: Path, n: int = 60) -> dict[str, float]:
+    """ms per part of an exported model in onnxruntime on a 300x300 camera frame: 1 thread (the CPU a part costs
+    the line box), and the 2-thread batch-1 latency the runner gives one part when idle."""
+    from inspection.onnx_infer import OnnxModel
+
+    image = np.random.default_rng(0).integers(0, 256, (1, 300, 300, 3), dtype=np.uint8)
     out: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        trace_to_onnx(run.net, path, image, True, [])
-        for threads in (1, 2):
-            model = OnnxModel(path, providers=["CPUExecutionProvider"], threads=threads, spin_between_runs=False)
-            batch = image[None]
-            for _ in range(5):
-                model.predict(batch)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                model.predict(batch)
-            out[f"ms_{threads}thread"] = 1000 * (time.perf_counter() - t0) / n
+    for threads in (1, 2):
+        model = OnnxModel(model_path, providers=["CPUExecutionProvider"], threads=threads, spin_between_runs=False)
+        for _ in range(5):
+            model.predict(image)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            model.predict(image)
+        out[f"ms_{threads}thread"] = 1000 * (time.perf_counter() - t0) / n
     return out
 
 
@@ -95,9 +99,10 @@ def retime(out: Path, rounds: int = 3) -> int:
     rows = [*result["candidates"], result["default"]]
     names = [r.get("name", "default") for r in rows]
     samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    paths = {n: export_for_timing(out / "runs" / n, out / "timing" / f"{n}.onnx") for n in names}
     for _ in range(rounds):
         for name in names:
-            samples[name].append(runner_cost(out / "runs" / name))
+            samples[name].append(runner_cost(paths[name]))
     for row, name in zip(rows, names, strict=True):
         row["runner"] = {k: float(np.median([s[k] for s in samples[name]])) for k in samples[name][0]}
         row["runner"]["rounds"] = rounds
@@ -238,7 +243,7 @@ def main() -> int:
             t0 = time.perf_counter()
             run_train(config, args.data, run_dir)
             row = {**cand, "taps": list(cand["taps"]), **summarise(run_dir, time.perf_counter() - t0)}
-            row["runner"] = runner_cost(run_dir)
+            row["runner"] = runner_cost(export_for_timing(run_dir, args.out / "timing" / f"{cand['name']}.onnx"))
             table.append(row)
             logger.info(
                 "%s: AUC %.5f, FRR %.4f at 0.5 %% escapes, %d good parts mostly rejected, %.1f ms/part (1 thread)",
@@ -255,7 +260,7 @@ def main() -> int:
     t0 = time.perf_counter()
     run_train(replace(base, exclude=None, feature_cache=None), args.data, run_dir)
     default = summarise(run_dir, time.perf_counter() - t0)
-    default["runner"] = runner_cost(run_dir)
+    default["runner"] = runner_cost(export_for_timing(run_dir, args.out / "timing" / "default.onnx"))
     default["misses"] = misses(run_dir, args.out / "misses.png")
     result = {"config": str(args.config), "candidates": table, "default": default}
     (args.out / "recipe.json").write_text(json.dumps(result, indent=2))

@@ -1,5 +1,6 @@
-"""`deploy` flow: gate a registered version against production on the golden set; promote it or stop with
-the reason. A promotion changes the registry's `production` alias, which running runners hot-swap to."""
+"""`deploy` flow: gate a registered version of a product against that product's production on its golden set;
+promote it or stop with the reason. A promotion changes the product's `production` alias, which running runners
+hot-swap to (that product only)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from inspection.registry import Registry
 
 
 @task(retries=2, retry_delay_seconds=10)  # the registry may sit on a network share
-def gate_and_promote(registry: str, version: str, reason: str, force: bool) -> Any:
-    return Registry(Path(registry)).promote(version, reason=reason, user=f"prefect:{getpass.getuser()}", force=force)
+def gate_and_promote(registry: str, version: str, reason: str, force: bool, product: str | None = None) -> Any:
+    reg = Registry(Path(registry), product=product)
+    return reg.promote(version, reason=reason, user=f"prefect:{getpass.getuser()}", force=force)
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
@@ -29,20 +31,28 @@ def _as_dict(report: Any) -> dict[str, Any]:
 
 @flow(name="deploy")
 def deploy_flow(
-    registry: str, version: str | None = None, reason: str = "scheduled deploy", force: bool = False
+    registry: str,
+    version: str | None = None,
+    reason: str = "scheduled deploy",
+    force: bool = False,
+    product: str | None = None,
 ) -> dict:
-    """Promote `version` (default: the newest registered) if it passes the gate; returns the gate report."""
+    """Promote `version` of `product` (None: the registry's default product; version default: the product's newest
+    registered) if it passes the gate; returns the gate report."""
     logger = get_run_logger()
-    reg = Registry(Path(registry))
+    reg = Registry(Path(registry), product=product)
     if version is None:
         versions = reg.versions()
         if not versions:
-            raise ValueError(f"registry {registry} holds no versions to deploy")
+            raise ValueError(f"registry {registry} holds no versions of product {reg.product!r} to deploy")
         version = versions[-1]
-    report = _as_dict(gate_and_promote(registry, version, reason, force))
-    create_table_artifact(key="gate", table=report.get("rows") or [report], description=f"Gate for {version}")
+    report = _as_dict(gate_and_promote(registry, version, reason, force, product))
+    report["product"] = reg.product
+    create_table_artifact(
+        key="gate", table=report.get("rows") or [report], description=f"Gate for {version} (product {reg.product})"
+    )
     if report.get("promoted"):
-        logger.info("promoted %s to production", version)
+        logger.info("promoted %s to production of product %s", version, reg.product)
     else:
         logger.warning("%s not promoted: %s", version, report.get("reason"))
     return report

@@ -30,7 +30,7 @@ def apply_labels(review_db: str, store: str) -> int:
     """QA labels take precedence over folder labels (also for images ingested earlier from the camera)."""
     from inspection.review.queries import reviewed_labels
 
-    labels = [(sha, label, reviewer, when) for sha, _path, label, reviewer, when in reviewed_labels(review_db)]
+    labels = [label.for_manifest() for label in reviewed_labels(review_db)]  # with QA's defect type
     return apply_review_labels(Path(store), labels)
 
 

@@ -14,16 +14,16 @@ from flows.export_register_flow import export_and_register_flow
 from flows.ingest_flow import ingest_flow
 from flows.train_flow import train_flow
 from inspection.config import load_config
-from inspection.registry import CONFIG_NAME, Registry, RegistryConfig
+from inspection.registry import CONFIG_NAME, Registry, RegistryConfig, product_home
 
 
 @task
-def ensure_registry(registry: str, golden_from: str, config: str | None) -> None:
-    """A new plant's registry freezes its golden set (whole parts sampled from the store) on the first retrain;
-    training then keeps those parts out."""
-    if not (Path(registry) / CONFIG_NAME).is_file():
+def ensure_registry(registry: str, golden_from: str, config: str | None, product: str | None = None) -> None:
+    """A new plant's registry (or a new product in it) freezes its golden set (whole parts sampled from the store)
+    on the first retrain; training then keeps those parts out."""
+    if not (product_home(registry, product) / CONFIG_NAME).is_file():
         limits = load_config(RegistryConfig, config, [f"golden_set={Path(golden_from).resolve()}"])
-        Registry.init(Path(registry), limits)
+        Registry.init(Path(registry), limits, product=product)
 
 
 @flow(name="retrain")
@@ -38,21 +38,30 @@ def retrain_flow(
     train_overrides: list[str] | None = None,
     int8: bool = False,
     registry_config: str | None = None,
+    product: str | None = None,
 ) -> dict:
     """Returns {"counts", "run_dir", "version", "promoted", "gate"}.
 
-    `registry_config` (gate limits, YAML) is used only when the registry does not exist yet.
+    `product`: the registry product the new version is registered, gated and promoted for, whose golden set stays
+    out of training (None: the registry's default product; one deployment per product, each with its own store).
+    `registry_config` (gate limits, YAML) is used only when the product does not exist in the registry yet.
     """
     logger = get_run_logger()
     counts = ingest_flow(sources=sources, store=store, review_db=review_db)
-    ensure_registry(registry, store, registry_config)
+    ensure_registry(registry, store, registry_config, product)
     run_dir = Path(runs_dir) / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
     trained = train_flow(
-        store=store, out=str(run_dir), mode=mode, config=train_config, overrides=train_overrides, registry=registry
+        store=store,
+        out=str(run_dir),
+        mode=mode,
+        config=train_config,
+        overrides=train_overrides,
+        registry=registry,
+        product=product,
     )
-    version = export_and_register_flow(run_dir=trained, registry=registry, int8=int8)
-    gate = deploy_flow(registry=registry, version=version, reason=f"retrain {run_dir.name}")
-    logger.info("retrain: %s -> %s (promoted: %s)", run_dir.name, version, gate.get("promoted"))
+    version = export_and_register_flow(run_dir=trained, registry=registry, int8=int8, product=product)
+    gate = deploy_flow(registry=registry, version=version, reason=f"retrain {run_dir.name}", product=product)
+    logger.info("retrain (product %s): %s -> %s (promoted: %s)", product, run_dir.name, version, gate.get("promoted"))
     return {
         "counts": counts,
         "run_dir": trained,

@@ -1,5 +1,6 @@
 """`train` flow: cross-fit (by default) from the manifest; publishes metrics per photo and per part with their
-intervals, the model card and plot links. With `registry`, its golden parts never reach training."""
+intervals, the model card and plot links. With `registry` (and `product`), that product's golden parts never reach
+training."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from inspection.config import load_config
+from inspection.registry import product_home
 from inspection.reporting import card_markdown, metrics_rows
 from inspection.train import TrainConfig, TrainResult, run_train
 from inspection.train.evaluate import part_report_rows
+
+
+def golden_exclusion(registry: str | None, product: str | None = None) -> list[str]:
+    """The train override that keeps the golden set of `product` in `registry` out of training (none without
+    one)."""
+    golden = product_home(registry, product) / "golden.json" if registry else None
+    return [f"exclude={golden.resolve()}"] if golden is not None and golden.is_file() else []
 
 
 @task
@@ -29,14 +38,14 @@ def train_flow(
     config: str | None = None,
     overrides: list[str] | None = None,
     registry: str | None = None,
+    product: str | None = None,
 ) -> str:
     """Train a run directory `out` from the ingest store `store`; returns the run directory.
 
-    `mode` (None: the config's), `registry`: its golden set is excluded from training and calibration."""
+    `mode` (None: the config's), `registry`: the golden set of its `product` (None: the registry's default
+    product) is excluded from training and calibration."""
     logger = get_run_logger()
-    extra = [f"mode={mode}"] if mode else []
-    if registry and (Path(registry) / "golden.json").is_file():
-        extra.append(f"exclude={Path(registry).resolve()}")
+    extra = ([f"mode={mode}"] if mode else []) + golden_exclusion(registry, product)
     result = train_model(config, [*extra, *(overrides or [])], store, out)
     run_dir = result.run_dir
     create_table_artifact(key="train-metrics", table=metrics_rows(result.metrics), description=f"Metrics of {run_dir}")

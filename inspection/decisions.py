@@ -48,6 +48,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 
@@ -77,7 +79,11 @@ inspections = Table(
     Column("image_sha256", String(64), nullable=True, index=True),
     Column("image_path", Text, nullable=True),  # relative to media_dir
     Column("heatmap_path", Text, nullable=True),  # relative to media_dir
-    Column("source", String(16), nullable=False),  # 'http' | 'folder'
+    Column("source", String(16), nullable=False),  # 'http' | 'folder' | 'opcua'
+    # added after the first release (nullable: `add_missing_columns` adds them to older databases on open)
+    Column("product", String(64), nullable=True, index=True),  # the product whose model judged it / the request named
+    Column("defect_type", String(32), nullable=True),  # a typed model's most likely type of a flagged part
+    Column("defect_type_probability", Float, nullable=True),
 )
 
 reviews = Table(
@@ -240,7 +246,8 @@ class DecisionStore:
         # SQLite allows one writer; serialising writes here avoids busy retries under concurrent requests.
         self._write_lock = threading.Lock() if self.is_sqlite else None
         self._outbox: tuple[str, Callable[[InspectionResult], str]] | None = None  # see enable_outbox
-        metadata.create_all(self.engine)
+        _create_tables(self.engine)
+        add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -335,6 +342,9 @@ class DecisionStore:
             "image_path": image_path,
             "heatmap_path": heatmap_path,
             "source": source,
+            "product": result.product,
+            "defect_type": result.defect_type,
+            "defect_type_probability": result.defect_type_probability,
         }
 
     def record_inspection(
@@ -531,7 +541,71 @@ def result_from_row(row: dict[str, Any]) -> InspectionResult:
         latency_ms=row["latency_ms"],
         reason=row["reason"],
         image_sha256=row["image_sha256"],
+        product=row.get("product"),
+        defect_type=row.get("defect_type"),
+        defect_type_probability=row.get("defect_type_probability"),
     )
+
+
+def _create_tables(engine: Engine, attempts: int = 3) -> None:
+    """`metadata.create_all`, tolerating another process creating the same tables at the same moment (the runner
+    and the review app starting together on a new PostgreSQL database: "relation already exists")."""
+    for attempt in range(attempts):
+        try:
+            metadata.create_all(engine)
+            return
+        except DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))  # the other creator's transaction commits; then everything is there
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the columns of our tables that an existing database lacks (created by an earlier release), so that
+    opening an old store just works; returns "table.column" of each one added.
+
+    Only nullable columns can be added this way (old rows read them as NULL), which is the rule for every column
+    added after a table's first release. Two processes opening the same old store at once (runner and review app)
+    may both try: the one that loses finds the column there and carries on.
+    """
+    added: list[str] = []
+    existing = set(sa_inspect(engine).get_table_names())
+    for table in metadata.sorted_tables:
+        if table.name not in existing:  # just created by create_all, complete
+            continue
+        have = {c["name"] for c in sa_inspect(engine).get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in have]
+        for column in missing:
+            if not column.nullable or column.primary_key:
+                raise DecisionStoreError(
+                    f"the database's table {table.name} lacks column {column.name}, which cannot be added to "
+                    "existing rows (not nullable); migrate it by hand"
+                )
+            preparer = engine.dialect.identifier_preparer
+            ddl = (
+                f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {preparer.quote(column.name)} "
+                f"{column.type.compile(dialect=engine.dialect)}"
+            )
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(ddl)
+            except DBAPIError:
+                if column.name not in {c["name"] for c in sa_inspect(engine).get_columns(table.name)}:
+                    raise
+                continue  # another process added it meanwhile
+            added.append(f"{table.name}.{column.name}")
+        names = {c.name for c in missing}
+        for index in table.indexes:
+            if names & {c.name for c in index.columns}:
+                try:
+                    index.create(engine, checkfirst=True)
+                except DBAPIError:
+                    if index.name not in {i["name"] for i in sa_inspect(engine).get_indexes(table.name)}:
+                        raise
+    if added:
+        where = engine.url.render_as_string(hide_password=True)
+        logger.warning("decision store %s: added columns %s (a database of an earlier release)", where, added)
+    return added
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -1,14 +1,20 @@
-"""Model registry: immutable versions, the `production`/`previous` aliases, a promotion gate and a history log.
+"""Model registry: immutable versions, the `production`/`previous` aliases, a promotion gate and a history log,
+per product (part type): each product has its own aliases, golden set, gate limits and history.
 
 Layout of a registry folder (no torch needed to read or change it, so the runner and the flows share it):
 
-    ROOT/registry.yaml      RegistryConfig: golden set, gate limits
-    ROOT/golden.json        the golden set frozen at `init`: [{"sha256", "path", "label", "group_id"}]: whole
+    ROOT/versions/<v>/      model file(s), model_card.json (files -> sha256), metrics, plots, SHA256SUMS,
+                            registered.json (when, by whom, for which product); shared by every product
+    HOME/registry.yaml      RegistryConfig: golden set, gate limits
+    HOME/golden.json        the golden set frozen at `init`: [{"sha256", "path", "label", "group_id"}]: whole
                             parts sampled from a store (never trained on, never used for calibration)
-    ROOT/versions/<v>/      model file(s), model_card.json (files -> sha256), metrics, plots, SHA256SUMS
-    ROOT/aliases.json       {"production": v, "previous": v}; replaced atomically (write, fsync, rename)
-    ROOT/history.jsonl      one JSON line per change: who, when, what, why, the gate's figures
-    ROOT/gate_cache/        golden-set figures per version (a version is immutable, so they never go stale)
+    HOME/aliases.json       {"production": v, "previous": v}; replaced atomically (write, fsync, rename)
+    HOME/history.jsonl      one JSON line per change: who, when, what, why, the gate's figures
+    HOME/gate_cache/        golden-set figures per version (a version is immutable, so they never go stale)
+
+HOME is ROOT itself for the product "default" (so a registry folder made before products existed is the product
+"default", unchanged) and `ROOT/products/<product>/` for any other. A version belongs to the one product it was
+registered for: another product's aliases can never point at it (a tile model never judges impellers).
 
 Every change of aliases/history happens under an exclusive file lock, so concurrent promotions serialise and
 leave a consistent registry. A version's files are checked against the sha256 in its card whenever it is loaded.
@@ -23,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +48,58 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "registry.yaml"
 TRAINING_SET_FILE = "training_set.json"  # written by training, shipped by export: what a version has seen
 ALIASES = ("production", "previous")
+DEFAULT_PRODUCT = "default"  # the product of a registry folder made before products existed: HOME is ROOT
+PRODUCTS_DIR = "products"
+# product names become folder names, metric labels and MQTT payload fields: keep them plain
+_PRODUCT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_product(product: str | None) -> str:
+    """The product name (None -> "default"), or RegistryError saying what is allowed."""
+    if product is None:
+        return DEFAULT_PRODUCT
+    if not isinstance(product, str) or not _PRODUCT_RE.match(product):
+        raise RegistryError(
+            f"product {product!r}: allowed are 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return product
+
+
+def product_home(root: str | Path, product: str | None = None) -> Path:
+    """The folder holding a product's aliases, golden set, gate config and history."""
+    product = check_product(product)
+    root = Path(root)
+    return root if product == DEFAULT_PRODUCT else root / PRODUCTS_DIR / product
+
+
+def list_products(root: str | Path) -> list[str]:
+    """Products a registry folder knows: "default" when its root holds a product's files or versions, then the
+    folders under ROOT/products/."""
+    root = Path(root)
+    found = []
+    own = any((root / name).exists() for name in (CONFIG_NAME, "aliases.json", "golden.json", "history.jsonl"))
+    if own or any(_version_product(d) == DEFAULT_PRODUCT for d in _version_dirs(root)):
+        found.append(DEFAULT_PRODUCT)
+    base = root / PRODUCTS_DIR
+    if base.is_dir():
+        found += sorted(d.name for d in base.iterdir() if d.is_dir() and _PRODUCT_RE.match(d.name))
+    return found
+
+
+def _version_dirs(root: Path) -> list[Path]:
+    base = root / "versions"
+    if not base.is_dir():
+        return []
+    return [d for d in base.iterdir() if d.is_dir() and (d / "registered.json").is_file()]
+
+
+def _registered(version_dir: Path) -> dict[str, Any]:
+    return json.loads((version_dir / "registered.json").read_text())
+
+
+def _version_product(version_dir: Path) -> str:
+    # versions registered before products existed carry no product: they are the default product's
+    return _registered(version_dir).get("product") or DEFAULT_PRODUCT
 
 
 @dataclass(frozen=True)
@@ -131,28 +190,37 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class Registry:
-    """A registry folder. Cheap to construct: every method reads the files it needs."""
+    """One product of a registry folder (default: "default", whose files sit in the root). Cheap to construct:
+    every method reads the files it needs."""
 
-    def __init__(self, root: str | Path, config: RegistryConfig | None = None):
+    def __init__(self, root: str | Path, config: RegistryConfig | None = None, product: str | None = None):
         self.root = Path(root)
-        cfg_path = self.root / CONFIG_NAME
+        self.product = check_product(product)
+        self.home = product_home(self.root, self.product)
+        cfg_path = self.home / CONFIG_NAME
         self.config = config or (load_config(RegistryConfig, cfg_path) if cfg_path.is_file() else RegistryConfig())
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r}, product={self.product!r})"
 
     # ------------------------------------------------------------------------------------------- set-up
     @classmethod
-    def init(cls, root: str | Path, config: RegistryConfig) -> Registry:
-        """Create (or re-configure) a registry and freeze its golden set from `config.golden_set`."""
+    def init(cls, root: str | Path, config: RegistryConfig, product: str | None = None) -> Registry:
+        """Create (or re-configure) a product of a registry and freeze its golden set from `config.golden_set`."""
         root = Path(root)
+        home = product_home(root, product)
         (root / "versions").mkdir(parents=True, exist_ok=True)
-        save_config(config, root / CONFIG_NAME)
-        reg = cls(root, config)
+        home.mkdir(parents=True, exist_ok=True)
+        save_config(config, home / CONFIG_NAME)
+        reg = cls(root, config, product)
         if config.golden_set:
             golden = _collect_golden(Path(config.golden_set), config)
-            _atomic_write(root / "golden.json", json.dumps(golden, indent=1) + "\n")
+            _atomic_write(home / "golden.json", json.dumps(golden, indent=1) + "\n")
             parts = {(i["group_id"], i["label"]) for i in golden}
             logger.info(
-                "registry %s: golden set of %d photos of %d parts (%d good) frozen from %s",
+                "registry %s, product %s: golden set of %d photos of %d parts (%d good) frozen from %s",
                 root,
+                reg.product,
                 len(golden),
                 len(parts),
                 sum(1 for _, label in parts if label == "ok"),
@@ -161,9 +229,11 @@ class Registry:
         return reg
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as fh:
+    def _locked(self, folder: Path | None = None) -> Iterator[None]:
+        """Exclusive lock of a product's aliases and history (HOME), or of the shared versions (ROOT)."""
+        folder = self.home if folder is None else folder
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -172,15 +242,12 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------- versions
     def versions(self) -> list[str]:
-        """Registered versions, oldest first."""
-        base = self.root / "versions"
-        if not base.is_dir():
-            return []
+        """This product's registered versions, oldest first."""
         found = []
-        for d in base.iterdir():
-            meta = d / "registered.json"
-            if d.is_dir() and meta.is_file():
-                found.append((json.loads(meta.read_text())["registered_at"], d.name))
+        for d in _version_dirs(self.root):
+            meta = _registered(d)
+            if (meta.get("product") or DEFAULT_PRODUCT) == self.product:
+                found.append((meta["registered_at"], d.name))
         return [name for _, name in sorted(found)]
 
     def register(self, export_dir: str | Path, user: str | None = None) -> str:
@@ -195,13 +262,21 @@ class Registry:
         version = card.version
         if not version or "/" in version or version.startswith("."):
             raise RegistryError(f"model card version {version!r} cannot name a registry version")
+        if card.product is not None and card.product != self.product:
+            raise RegistryError(
+                f"version {version} was trained for product {card.product!r}, not {self.product!r}; register it "
+                f"with --product {card.product}"
+            )
         target = self.root / "versions" / version
-        with self._locked():
+        with self._locked(self.root):  # the versions folder is shared by every product
             if target.exists():
                 existing = _read_card(target / "model_card.json")
-                if existing.files == card.files:
+                owner = _version_product(target)
+                if existing.files == card.files and owner == self.product:
                     logger.info("version %s is already registered with the same files", version)
                     return version
+                if existing.files == card.files:
+                    raise RegistryError(f"version {version} is already registered for product {owner!r}; refusing")
                 raise RegistryError(f"version {version} is already registered with different files; refusing")
             tmp = self.root / "versions" / f".{version}.incoming"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -209,24 +284,37 @@ class Registry:
             sums = "".join(f"{sha}  {name}\n" for name, sha in sorted(card.files.items()))
             (tmp / "SHA256SUMS").write_text(sums)
             when = datetime.now(UTC).isoformat()
-            (tmp / "registered.json").write_text(json.dumps({"registered_at": when, "by": user or _user()}))
+            meta = {"registered_at": when, "by": user or _user(), "product": self.product}
+            (tmp / "registered.json").write_text(json.dumps(meta))
             os.replace(tmp, target)
+        with self._locked():
             self._append_history("register", version=version, user=user, reason=f"from {export_dir}")
-        logger.info("registered %s", version)
+        logger.info("registered %s for product %s", version, self.product)
         return version
 
     def get(self, version: str) -> ModelVersion:
         """A registered version, its files verified against the sha256 in its card (IntegrityError if not)."""
         d = self.root / "versions" / version
-        if not (d / "registered.json").is_file():
-            raise RegistryError(f"unknown version {version!r}; registered: {', '.join(self.versions()) or 'none'}")
+        if not version or "/" in version or not (d / "registered.json").is_file():
+            raise RegistryError(
+                f"unknown version {version!r} of product {self.product!r}; registered: "
+                f"{', '.join(self.versions()) or 'none'}"
+            )
+        owner = _version_product(d)
+        if owner != self.product:  # an alias of one product must never load another product's model
+            raise RegistryError(f"version {version} belongs to product {owner!r}, not {self.product!r}")
         card = _read_card(d / "model_card.json")
         _verify_files(d, card)
         return ModelVersion(version=version, dir=d, card=card, model_path=d / self.config.model_file)
 
     # ------------------------------------------------------------------------------------------- aliases
+    @property
+    def aliases_path(self) -> Path:
+        """The file a runner watches for this product's promotions."""
+        return self.home / "aliases.json"
+
     def aliases(self) -> dict[str, str | None]:
-        path = self.root / "aliases.json"
+        path = self.aliases_path
         data = json.loads(path.read_text()) if path.is_file() else {}
         return {name: data.get(name) for name in ALIASES}
 
@@ -236,27 +324,33 @@ class Registry:
         return self.aliases()[name]
 
     def history(self) -> list[dict[str, Any]]:
-        path = self.root / "history.jsonl"
+        path = self.home / "history.jsonl"
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def _append_history(self, action: str, user: str | None = None, **fields: Any) -> None:
-        entry = {"time": datetime.now(UTC).isoformat(), "user": user or _user(), "action": action, **fields}
-        with open(self.root / "history.jsonl", "a") as fh:
+        entry = {
+            "time": datetime.now(UTC).isoformat(),
+            "user": user or _user(),
+            "action": action,
+            "product": self.product,
+            **fields,
+        }
+        with open(self.home / "history.jsonl", "a") as fh:
             fh.write(json.dumps(entry, default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def _set_aliases(self, production: str | None, previous: str | None) -> None:
-        _atomic_write(self.root / "aliases.json", json.dumps({"production": production, "previous": previous}) + "\n")
+        _atomic_write(self.aliases_path, json.dumps({"production": production, "previous": previous}) + "\n")
 
     # ------------------------------------------------------------------------------------------- gate
     def golden_figures(self, version: str) -> GoldenFigures:
         """The version's verdicts on the frozen golden set (cached per version: versions are immutable)."""
         golden = self._golden()
         key = hashlib.sha256(json.dumps(golden, sort_keys=True).encode()).hexdigest()[:16]
-        cache = self.root / "gate_cache" / f"{version}-{key}.json"
+        cache = self.home / "gate_cache" / f"{version}-{key}.json"
         if cache.is_file():
             return GoldenFigures(**json.loads(cache.read_text()))
         mv = self.get(version)
@@ -266,10 +360,12 @@ class Registry:
         return figures
 
     def _golden(self) -> list[dict[str, str]]:
-        path = self.root / "golden.json"
+        path = self.home / "golden.json"
         if not path.is_file():
+            flag = "" if self.product == DEFAULT_PRODUCT else f" --product {self.product}"
             raise RegistryError(
-                f"registry {self.root} has no golden set; run `inspection registry init --golden-set PATH` first"
+                f"registry {self.root} has no golden set for product {self.product!r}; run `inspection registry "
+                f"--root {self.root}{flag} init --golden-set PATH` first"
             )
         return json.loads(path.read_text())
 
@@ -356,7 +452,7 @@ class Registry:
                 report = GateReport(version, current, False, False, "no golden set to gate on")
             if not report.promoted and not force:
                 self._append_history("refused", user=user, version=version, reason=reason, gate=report.reason)
-                logger.warning("gate refused %s: %s", version, report.reason)
+                logger.warning("product %s: gate refused %s: %s", self.product, version, report.reason)
                 return report
             report.forced = force and not report.promoted
             report.promoted = True
@@ -370,7 +466,9 @@ class Registry:
                 forced=report.forced,
                 gate=report.reason,
             )
-        logger.info("promoted %s (was %s)%s", version, current, " FORCED" if report.forced else "")
+        logger.info(
+            "product %s: promoted %s (was %s)%s", self.product, version, current, " FORCED" if report.forced else ""
+        )
         return report
 
     def rollback(self, reason: str = "", user: str | None = None) -> str:
@@ -379,11 +477,11 @@ class Registry:
             aliases = self.aliases()
             previous, current = aliases["previous"], aliases["production"]
             if previous is None:
-                raise RegistryError("nothing to roll back to: the registry has no `previous` version")
+                raise RegistryError(f"nothing to roll back to: product {self.product!r} has no `previous` version")
             self.get(previous)  # refuse to roll back onto a damaged version
             self._set_aliases(previous, current)
             self._append_history("rollback", user=user, version=previous, **{"from": current}, reason=reason)
-        logger.info("rolled back %s -> %s", current, previous)
+        logger.info("product %s: rolled back %s -> %s", self.product, current, previous)
         return previous
 
 

@@ -1,4 +1,5 @@
-"""`inspection registry`: list, show, init, register, promote, rollback and history of model versions."""
+"""`inspection registry`: list, show, init, register, promote, rollback and history of model versions, per product
+(`--product P`; without it the registry folder's own product "default"), and `products`."""
 
 from __future__ import annotations
 
@@ -10,15 +11,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from inspection.config import load_config
-from inspection.registry import CONFIG_NAME, Registry, RegistryConfig
+from inspection.registry import CONFIG_NAME, DEFAULT_PRODUCT, Registry, RegistryConfig, list_products
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=Path("registry"), help="registry folder (default ./registry)")
+    parser.add_argument(
+        "--product",
+        default=None,
+        help=f"product (part type) whose versions, aliases and golden set to use (default: {DEFAULT_PRODUCT!r}, "
+        "the registry folder's own)",
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="versions, with the aliases that point at them")
+    sub.add_parser("products", help="the products of the registry, with their production version")
     show = sub.add_parser("show", help="a version's model card and golden-set figures")
     show.add_argument("version")
     init = sub.add_parser("init", help="create the registry and freeze its golden set")
@@ -52,10 +60,15 @@ def main(args: argparse.Namespace) -> int:
         if args.parts is not None:
             config = replace(config, golden_parts=args.parts)
         config.validate()
-        Registry.init(args.root, config)
-        logger.info("registry %s ready (%s)", args.root, args.root / CONFIG_NAME)
+        reg = Registry.init(args.root, config, product=args.product)
+        logger.info("registry %s, product %s ready (%s)", args.root, reg.product, reg.home / CONFIG_NAME)
         return 0
-    reg = Registry(args.root)
+    if args.action == "products":
+        for product in list_products(args.root):
+            production = Registry(args.root, product=product).alias("production")
+            out.write(f"{product}\t{production or '-'}\n")
+        return 0
+    reg = Registry(args.root, product=args.product)
     if args.action == "list":
         aliases = reg.aliases()
         for version in reg.versions():

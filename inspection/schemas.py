@@ -42,6 +42,11 @@ class RecordStatus(StrEnum):
     quarantined = "quarantined"
 
 
+# a defect type's name (folder label maps 'defect:<type>', model cards, QA decisions): a slug that fits the decision
+# store's String(32) columns and works as a folder name
+DEFECT_TYPE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+
+
 class _Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +60,12 @@ class ManifestRecord(_Contract):
     stored_path: str | None = Field(None, description="Content-addressed copy in the store (accepted only)")
     label: Label | None = Field(None, description="From the folder mapping or a QA review; None = unlabelled")
     label_source: str | None = Field(None, description="'folder', 'review' or None")
+    defect_type: str | None = Field(
+        None,
+        max_length=32,
+        pattern=DEFECT_TYPE_PATTERN,
+        description="Defect type of a defect label (folder label_map 'defect:<type>' or a QA review); None = untyped",
+    )
     width: int | None = None
     height: int | None = None
     channels_in: int | None = Field(None, description="Channels of the file before normalisation to RGB")
@@ -93,6 +104,19 @@ class InspectionResult(_Contract):
         None, description="Why the part is held without a model verdict (bad image, model error)"
     )
     image_sha256: str | None = None
+    product: str | None = Field(
+        None, description="Product (part type) whose model judged the part, or the product the request named"
+    )
+    defect_type: str | None = Field(
+        None,
+        max_length=32,
+        pattern=DEFECT_TYPE_PATTERN,
+        description="Most likely defect type of a flagged (review/reject) part, where the model learned types "
+        "(card.defect_types); None for a pass, a held part or a model without types",
+    )
+    defect_type_probability: float | None = Field(
+        None, ge=0.0, le=1.0, description="The model's probability of `defect_type` among the types, given a defect"
+    )
 
 
 class DefectType(StrEnum):
@@ -172,6 +196,11 @@ class ModelCard(_Contract):
     )
     type_metrics: dict[str, Any] = Field(
         default_factory=dict, description="defect types: photos per type, out-of-fold accuracy, confusion"
+    )
+    product: str | None = Field(
+        None,
+        description="product (part type) the model was trained for; the registry refuses it under another "
+        "product. None: any (the product it is registered for decides)",
     )
 
 

@@ -202,6 +202,8 @@ def export_net(
         _copy_run_artifacts(run_dir, tmp, card)
         model_files = [p.name for p in (model_path, tmp / INT8_FILE, tmp / FP16_FILE) if p.is_file()]
         result.files = {name: sha256_file(tmp / name) for name in model_files}
+        # FP32 only: INT8 and FP16 kernels differ between CPUs and GPUs by more than the runner's tolerance
+        _write_smoke_reference(tmp, [MODEL_FILE], int(card.preprocess.get("input_size", 224)))
         final_card = card.model_copy(update={"files": result.files})
         (tmp / CARD_FILE).write_text(final_card.model_dump_json(indent=2))
         save_config(config, tmp / "export_config.yaml")
@@ -222,6 +224,18 @@ def export_net(
         f" ({result.int8.reason})" if result.int8 else "",
     )
     return result
+
+
+def _write_smoke_reference(folder: Path, model_files: Sequence[str], input_size: int) -> None:
+    """Each model file's outputs on the runner's smoke frames: the runner refuses a file whose weights were damaged
+    before it was hashed (valid ONNX, right sha256 of the damaged bytes, sane-looking scores) by comparing them."""
+    from inspection.runner.inferencer import REFERENCE_FILE, smoke_reference
+
+    refs = {
+        name: smoke_reference(OnnxModel(folder / name, providers=["CPUExecutionProvider"]), input_size)
+        for name in model_files
+    }
+    (folder / REFERENCE_FILE).write_text(json.dumps(refs))
 
 
 def _type_parity(net: torch.nn.Module, path: Path, images: Sequence[np.ndarray], n: int = 64) -> float:
@@ -354,8 +368,18 @@ def _check_other_shapes(
     images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes for _ in range(5)][:6]
     if h != w:  # the example turned on its side: letterbox pads the other axis then
         images.append(rng.integers(0, 256, (w, h, 3), dtype=np.uint8))
+    # random-noise frames are far from any photo: a strongly regularised head on thousands of features can sit on
+    # a steep part of the sigmoid there, and the two runtimes' bilinear resizes of an odd size differ in the last
+    # bits; this check proves the dynamic-size path (a broken one is off by tenths), the photo check above the
+    # numbers, so it allows 10x the photo tolerance
     report = check_parity(
-        net, path, images, card.thresholds, config.max_prob_diff, config.max_heatmap_diff, config.parity_batch_size
+        net,
+        path,
+        images,
+        card.thresholds,
+        10 * config.max_prob_diff,
+        10 * config.max_heatmap_diff,
+        config.parity_batch_size,
     )
     if not report.passed:
         raise ExportCheckError(f"ONNX differs from PyTorch on frames of other sizes: {'; '.join(report.failures)}")

@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 
 from inspection.errors import ConfigError
 from inspection.images import ImageLimits
+from inspection.ingest.labels import parse_label
 
 LABELS = ("ok", "defect")
 
 
 @dataclass(frozen=True)
 class IngestConfig:
-    # folder name -> label; the real drop folders are named like this (any other folder: unlabelled)
+    # folder name -> label; the real drop folders are named like this (any other folder: unlabelled);
+    # "defect:<type>" also names the defect type (crack: "defect:crack"), so the model learns the types
     label_map: dict[str, str] = field(default_factory=lambda: {"def_front": "defect", "ok_front": "ok"})
     # train/val/test share of images; 15 % each for val/test keeps ~1,000 real photos per evaluation split
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
@@ -48,9 +50,14 @@ class IngestConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        bad = {k: v for k, v in self.label_map.items() if v not in LABELS}
-        if bad:
-            raise ConfigError(f"label_map: labels {bad} are not allowed; allowed: {', '.join(LABELS)}")
+        problems = []
+        for folder, value in self.label_map.items():
+            try:
+                parse_label(value)
+            except ValueError as exc:
+                problems.append(f"{folder}: {exc}")
+        if problems:
+            raise ConfigError(f"label_map: {'; '.join(problems)}")
         fr = self.split_fractions
         if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
             raise ConfigError(

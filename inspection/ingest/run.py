@@ -28,15 +28,18 @@ from inspection.errors import DataError, ImageValidationError
 from inspection.images import decode_image_info, read_image
 from inspection.ingest import dedup
 from inspection.ingest.config import IngestConfig
+from inspection.ingest.labels import parse_label
 from inspection.ingest.manifest import (
     MANIFEST_NAME,
     Sample,
     connect,
     insert_records,
     label_conflicts,
+    latest_review_labels,
     load_descriptors,
     load_samples,
     save_descriptors,
+    type_counts,
 )
 from inspection.ingest.split import SPLITS, assign_splits
 from inspection.ingest.store import (
@@ -72,6 +75,8 @@ class IngestResult:
     # physical parts whose photos carry both labels: group id -> {"ok": n, "defect": n}; training keeps them out
     # until QA settles them (review app, "same part, labels disagree")
     mixed_label_parts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # defect photos of the store per defect type (label_map "defect:<type>" or a QA type); empty: untyped
+    defect_types: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
 
     @property
@@ -94,12 +99,13 @@ class _Outcome:
     features: dedup.Features | None = None
 
 
-def _label_for(candidate: Candidate, label_map: dict[str, str]) -> str | None:
-    # the deepest folder with a mapped name decides (drop/2024-05-01/def_front/x.jpg -> def_front)
+def _label_for(candidate: Candidate, label_map: dict[str, str]) -> tuple[str | None, str | None]:
+    """(label, defect type) of a candidate's folder; the deepest folder with a mapped name decides
+    (drop/2024-05-01/def_front/x.jpg -> def_front; crack/x.jpg with crack: "defect:crack" -> defect, crack)."""
     for name in reversed(candidate.labels_from):
         if name in label_map:
-            return label_map[name]
-    return None
+            return parse_label(label_map[name])
+    return None, None
 
 
 class _Processor:
@@ -236,12 +242,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
         ).fetchall()
         accepted = {row[0] for row in accepted_rows}
         accepted_label = {row[0]: row[1] for row in accepted_rows}
-        reviews = dict(
-            con.execute(
-                "SELECT sha256, label FROM review_labels r1 WHERE decided_at = "
-                "(SELECT MAX(decided_at) FROM review_labels r2 WHERE r2.sha256 = r1.sha256)"
-            ).fetchall()
-        )
+        reviews = latest_review_labels(con)  # sha256 -> (label, type): QA's word outranks the folder's
 
         processor = _Processor(config, store, seen, set(accepted))
         workers = config.workers or os.cpu_count() or 1
@@ -259,7 +260,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
                     n_known += 1
                     continue
                 run_seen.add(key)
-                folder_label = _label_for(c, config.label_map)
+                folder_label, folder_type = _label_for(c, config.label_map)
                 base = {"source_path": str(c.path), "sha256": out.sha256, "ingested_at": now}
                 if out.reason is not None:
                     reasons[out.reason] += 1
@@ -275,6 +276,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
                             status=RecordStatus.quarantined,
                             label=folder_label,
                             label_source="folder" if folder_label else None,
+                            defect_type=folder_type,
                             stored_path=f"quarantine/{q}" if q else None,
                             quarantine_reason=out.reason,
                             quarantine_detail=out.detail,
@@ -300,11 +302,13 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
                             duplicate_of=sha,
                             label=folder_label,
                             label_source="folder" if folder_label else None,
+                            defect_type=folder_type,
                         )
                     )
                     continue
                 accepted.add(sha)
-                label, source = (reviews[sha], "review") if sha in reviews else (folder_label, "folder")
+                label, kind = reviews.get(sha, (folder_label, folder_type))
+                source = "review" if sha in reviews else "folder"
                 accepted_label[sha] = label
                 assert out.features is not None
                 new_features[sha] = out.features
@@ -315,6 +319,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
                         stored_path=stored_relpath(sha, out.fmt or "bin"),
                         label=label,
                         label_source=source if label else None,
+                        defect_type=kind,
                         width=out.width,
                         height=out.height,
                         channels_in=out.channels,
@@ -353,6 +358,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
             "GROUP BY split, label"
         ):
             split_counts.setdefault(split or "none", {})[label] = n
+        types = type_counts(con)
 
     sizes = Counter(Counter(group_of.values()).values())
     mixed = {c.group_id: c.counts for c in label_conflicts(store)}
@@ -371,6 +377,7 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
         groups_merged=merged,
         group_methods={m: n for m in dedup.METHODS if (n := sum(v == m for v in grouping.method_of.values()))},
         mixed_label_parts=mixed,
+        defect_types=types,
         wall_s=time.perf_counter() - t0,
     )
     logger.info(
@@ -388,6 +395,8 @@ def run_ingest(config: IngestConfig, sources: list[Path], store: Path) -> Ingest
         ", ".join(f"{m} {n}" for m, n in result.group_methods.items()) or "nothing",
         result.wall_s,
     )
+    if types:
+        logger.info("defect photos per type: %s", ", ".join(f"{t} {n}" for t, n in types.items()))
     if merged:
         logger.warning("%d earlier groups were joined by new near-duplicates; their images now share one split", merged)
     if mixed:

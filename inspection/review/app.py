@@ -27,6 +27,7 @@ from inspection.review.auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, Auth
 from inspection.review.config import ReviewConfig
 from inspection.review.conflicts import ConflictSource, add_conflict_routes
 from inspection.review.gauge import score_gauge_svg
+from inspection.review.types import type_label
 from inspection.review.web import (
     DEFECT_TYPES,
     HERE,
@@ -232,6 +233,8 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
                         "model_version": i.model_version,
                         "decision": i.decision,
                         "defect_type": i.defect_type,
+                        "predicted_type": i.predicted_type,
+                        "predicted_type_probability": i.predicted_type_probability,
                         "reviewer": i.reviewer,
                         "photos": [photo(p) for p in i.photos],
                     }
@@ -264,6 +267,9 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
         mine = {p.reviewer for p in part.photos if p.decision_id is not None}
         worst = part.worst
         others = [p.defect_score for p in part.photos if p is not worst and p.defect_score is not None]
+        # the type choice shows QA's decision once there is one; until then the model's answer, pre-selected
+        decided_type = current["defect_type"] if current else None
+        chosen_type = decided_type if current else part.predicted_type
         return render(
             request,
             "part.html",
@@ -284,6 +290,8 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
             can_undo_here=bool(mine) and (mine == {session.user.username} or session.user.is_admin),
             flagged=part.verdict in queries.FLAGGED_VERDICTS,
             gauge=score_gauge_svg(worst.defect_score, worst.review_threshold, worst.reject_threshold, others),
+            type_choices=web.types.for_version(part.model_version, decided_type, part.predicted_type),
+            chosen_type=chosen_type or "",
             **extra,
         )
 
@@ -312,16 +320,22 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
             raise BadRequest(f"expected: {form.get('expected')!r} is not a decision id") from None
         except queries.ReviewError as exc:
             raise BadRequest(str(exc)) from None
+        kind = str(form.get("defect_type") or "") or None
+        card_types: tuple[str, ...] = ()
+        if kind and web.types.registry is not None:  # the part's model may name types the store has not seen yet
+            row = store.get_row(request_id)
+            card_types = web.types.card_types(row["model_version"] if row else None)
         try:
             parts.record_part_decision(
                 store,
                 request_id,
                 str(form.get("action") or ""),
                 session.user.username,
-                defect_type=str(form.get("defect_type") or "") or None,
+                defect_type=kind,
                 comment=str(form.get("comment") or ""),
                 seen=seen,
                 window_s=window,
+                extra_types=card_types,
             )
         except parts.PartConflict as exc:
             return part_response(request, session, request_id, f, status_code=409, error=str(exc))
@@ -398,8 +412,13 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
         session = require(request)
         s = stats_for(request)
         types = [(label, float(s.defects_by_type.get(value, 0))) for value, label in DEFECT_TYPES]
-        types.append(("unspecified", float(s.defects_by_type.get("unspecified", 0))))
+        enum = {value for value, _ in DEFECT_TYPES} | {stats.UNSPECIFIED}
+        # a plant's own type names (a typed model's, confirmed by QA) after QA's enum
+        types += [(type_label(t), float(n)) for t, n in sorted(s.defects_by_type.items()) if t not in enum]
+        types.append((stats.UNSPECIFIED, float(s.defects_by_type.get(stats.UNSPECIFIED, 0))))
+        predicted = [(type_label(t), float(n)) for t, n in s.predicted_by_type.items()]
         versions = [(v.model_version, 100.0 * (v.override_rate or 0.0)) for v in s.per_version if v.decided]
+        rows, cols = s.confusion_axes()
         return render(
             request,
             "stats.html",
@@ -407,6 +426,9 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
             s=s,
             flagged_svg=stats.flagged_chart_svg(s),
             types_svg=stats.hbar_chart_svg(types),
+            predicted_svg=stats.hbar_chart_svg(predicted) if predicted else None,
+            confusion_rows=rows,
+            confusion_cols=cols,
             versions_svg=stats.hbar_chart_svg(versions, "{:.1f} %") if versions else None,
             options=queries.filter_options(store),
             station=request.query_params.get("station") or "",

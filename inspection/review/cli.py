@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ingest-store",
         help="ingest store (folder with manifest.sqlite): its parts labelled both ways get their own queue",
     )
+    serve.add_argument(
+        "--registry",
+        help="model registry folder: the part page offers each model version's defect types from its card",
+    )
 
     user = sub.add_parser("user", help="manage review users (add, list, disable, enable, passwd, role)")
     user_sub = user.add_subparsers(dest="user_action", required=True)
@@ -73,7 +77,7 @@ def _config(args: argparse.Namespace) -> ReviewConfig:
         changes["store"] = args.store
     if args.media_dir:
         changes["media_dir"] = args.media_dir
-    for key in ("host", "port", "ingest_store"):
+    for key in ("host", "port", "ingest_store", "registry"):
         if getattr(args, key, None) is not None:
             changes[key] = getattr(args, key)
     config = dataclasses.replace(config, **changes)

@@ -33,6 +33,9 @@ class ReviewConfig:
     # an ingest store (folder with manifest.sqlite): its parts whose photos carry both labels get their own queue,
     # where one decision relabels every photo of the part for the next retrain; None hides that queue
     ingest_store: str | None = None
+    # a model registry folder: the part page's defect-type choices start with the part's model's own types (its
+    # card's `defect_types`); None = the types the decision store holds as that model's answers (then QA's enum)
+    registry: str | None = None
 
     def validate(self) -> None:
         if not 1 <= self.port <= 65535:

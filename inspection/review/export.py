@@ -1,9 +1,12 @@
 """`inspection review export`: QA-reviewed parts as a labelled image folder (`def_front/`, `ok_front/`).
 
 The layout is the one ingest reads (the real data set's folder names), so the folder can be ingested or used
-for training as is. Each image is written as `<sha256>.<ext>`; `review_labels.csv` lists the label, reviewer
-and time of every file. A folder that is not a previous export is never overwritten; a previous export is
-replaced as a whole (built beside it, then swapped in), so a label changed by an undo never lingers.
+for training as is. Each image is written as `<sha256>.<ext>`; `review_labels.csv` lists the label, the defect type
+QA confirmed (empty when none), reviewer and time of every file. The folders carry the label only: the type reaches
+the training manifest through `inspection.ingest.apply_review_labels` (the ingest flow applies the same labels
+after ingesting this folder), whatever the plant's label map calls its type folders. A folder that is not a
+previous export is never overwritten; a previous export is replaced as a whole (built beside it, then swapped in),
+so a label changed by an undo never lingers.
 """
 
 from __future__ import annotations
@@ -68,14 +71,14 @@ def run_review_export(config: ReviewConfig, out: Path, store: DecisionStore | No
     try:
         with open(build / LABELS_FILE, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["file", "sha256", "label", "reviewer", "decided_at"])
-            for sha, path, label, reviewer, decided_at in labels:
+            writer.writerow(["file", "sha256", "label", "reviewer", "decided_at", "defect_type"])
+            for sha, path, label, reviewer, decided_at, kind in labels:
                 if path is None or not Path(path).is_file():
                     missing.append(sha)
                     continue
                 rel = f"{FOLDERS[label]}/{sha}{Path(path).suffix}"
                 shutil.copyfile(path, build / rel)
-                writer.writerow([rel, sha, label, reviewer, decided_at.isoformat()])
+                writer.writerow([rel, sha, label, reviewer, decided_at.isoformat(), kind or ""])
                 counts[label] += 1
         # swap in: the previous export (if any) is removed only once the new one is complete
         old = None

@@ -17,6 +17,7 @@ and decided once all have one. Counts count parts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,7 @@ from inspection.decisions import DecisionStore, inspections, reviews
 from inspection.review.queries import (
     _ANY,
     DECISION_ACTIONS,
+    ENUM_TYPES,
     FLAGGED_VERDICTS,
     UNDO,
     QueueFilters,
@@ -37,6 +39,7 @@ from inspection.review.queries import (
     _queue_select,
     _utc,
     _validate_decision,
+    allowed_types,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,8 +71,10 @@ class Photo:
     has_heatmap: bool
     decision_id: int | None
     decision: str | None  # effective action
-    defect_type: str | None
+    defect_type: str | None  # the type QA gave with the effective decision
     reviewer: str | None
+    predicted_type: str | None = None  # a typed model's most likely defect type (runner's answer)
+    predicted_type_probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,26 @@ class Part:
         return self.photos[-1].defect_type if self.decision else None
 
     @property
+    def typed_photo(self) -> Photo | None:
+        """The photo whose model type stands for the part: the worst photo (the one behind the verdict), else the
+        highest-scoring photo that has a type (a re-shot judged by a typed model); None when none has one."""
+        typed = [p for p in self.photos if p.predicted_type]
+        if self.worst.predicted_type or not typed:
+            return self.worst if self.worst.predicted_type else None
+        return max(typed, key=lambda p: (_VERDICT_RANK.get(p.verdict, 0), p.defect_score or -1.0))
+
+    @property
+    def predicted_type(self) -> str | None:
+        """The model's defect type for the part (see `typed_photo`)."""
+        photo = self.typed_photo
+        return photo.predicted_type if photo else None
+
+    @property
+    def predicted_type_probability(self) -> float | None:
+        photo = self.typed_photo
+        return photo.predicted_type_probability if photo else None
+
+    @property
     def reviewer(self) -> str | None:
         return self.photos[-1].reviewer if self.decision else None
 
@@ -183,6 +208,8 @@ def _photo(row: Any) -> Photo:
         decision=row.decision_action,
         defect_type=row.decision_defect_type,
         reviewer=row.decision_reviewer,
+        predicted_type=row.defect_type,
+        predicted_type_probability=row.defect_type_probability,
     )
 
 
@@ -345,14 +372,21 @@ def record_part_decision(
     seen: dict[str, int | None] | object = _ANY,
     now: datetime | None = None,
     window_s: float = DEFAULT_WINDOW_S,
+    extra_types: Collection[str] = (),
 ) -> list[int]:
     """Decide the part of `request_id`: one decision row per photo, same reviewer and time; returns their ids.
 
     `seen` is what the reviewer's page showed ({request_id: effective decision id or None}, `Part.seen`): if a
     photo was decided meanwhile, or a photo was added to the part, `PartConflict` is raised and nothing is
-    written. Leave it out to decide on top of whatever is there.
+    written. Leave it out to decide on top of whatever is there. `defect_type`: one of `queries.allowed_types`
+    (QA's enum, the types the store's models answer, `extra_types` such as the part's model card's).
     """
-    defect_type, comment = _validate_decision(action, defect_type, comment)
+    if defect_type:
+        with store.engine.connect() as conn:
+            allowed = allowed_types(conn, extra_types)
+    else:
+        allowed = ENUM_TYPES
+    defect_type, comment = _validate_decision(action, defect_type, comment, allowed)
     decided_at = _utc(now) if now else datetime.now(UTC)
     with _decide_lock:
         part = part_of(store, request_id, window_s)

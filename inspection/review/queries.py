@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Select, and_, case, func, insert, or_, select
 from sqlalchemy.sql import Subquery
@@ -296,14 +297,30 @@ def part_detail(store: DecisionStore, request_id: str) -> PartDetail | None:
 # -- writes --------------------------------------------------------------------------------------------------
 
 
-def _validate_decision(action: str, defect_type: str | None, comment: str | None) -> tuple[str | None, str | None]:
+ENUM_TYPES = tuple(d.value for d in DefectType)  # QA's fixed vocabulary, offered beside the models' own types
+
+
+def known_types(conn: Any) -> list[str]:
+    """Every defect type the store has seen: predicted by a model (`inspections.defect_type`: a typed model's
+    own names, e.g. a plant's folder types) or confirmed by QA; sorted."""
+    predicted = select(inspections.c.defect_type).where(inspections.c.defect_type.is_not(None)).distinct()
+    confirmed = select(reviews.c.defect_type).where(reviews.c.defect_type.is_not(None)).distinct()
+    return sorted(set(conn.execute(predicted).scalars()) | set(conn.execute(confirmed).scalars()))
+
+
+def allowed_types(conn: Any, extra: Collection[str] = ()) -> list[str]:
+    """The types a decision may carry: QA's enum, the store's known types, and `extra` (a model card's types)."""
+    return sorted(set(ENUM_TYPES) | set(known_types(conn)) | set(extra))
+
+
+def _validate_decision(
+    action: str, defect_type: str | None, comment: str | None, allowed: Collection[str] = ENUM_TYPES
+) -> tuple[str | None, str | None]:
     if action not in DECISION_ACTIONS:
         raise ReviewError(f"action {action!r} is not allowed; allowed: {', '.join(DECISION_ACTIONS)}")
     defect_type = defect_type or None
-    if defect_type is not None and defect_type not in {d.value for d in DefectType}:
-        raise ReviewError(
-            f"defect type {defect_type!r} is not allowed; allowed: {', '.join(d.value for d in DefectType)}"
-        )
+    if defect_type is not None and defect_type not in allowed:
+        raise ReviewError(f"defect type {defect_type!r} is not allowed; allowed: {', '.join(sorted(allowed))}")
     comment = (comment or "").strip() or None
     if comment is not None and len(comment) > MAX_COMMENT:
         raise ReviewError(f"comment has {len(comment)} characters, at most {MAX_COMMENT} are allowed")
@@ -322,13 +339,20 @@ def record_decision(
     comment: str | None = None,
     expected_current: int | None | object = _ANY,
     now: datetime | None = None,
+    extra_types: Collection[str] = (),
 ) -> int:
     """Append a decision on a flagged part; returns its id.
 
     `expected_current` is the effective decision id the reviewer saw (None = undecided). If the part changed
     since, `DecisionConflict` is raised and nothing is written. Leave it out to decide on top of whatever is there.
+    `defect_type` is one of `allowed_types` (QA's enum, the types models in the store answer, `extra_types`).
     """
-    defect_type, comment = _validate_decision(action, defect_type, comment)
+    if defect_type:
+        with store.engine.connect() as conn:
+            allowed = allowed_types(conn, extra_types)
+    else:
+        allowed = ENUM_TYPES
+    defect_type, comment = _validate_decision(action, defect_type, comment, allowed)
     with _decide_lock, store.engine.begin() as conn:
         part = conn.execute(
             select(inspections.c.request_id, inspections.c.verdict)
@@ -418,13 +442,27 @@ def undo_decision(
 # -- feedback to training ------------------------------------------------------------------------------------
 
 
-def reviewed_labels(
-    store: DecisionStore | str | Path, media_dir: str | Path | None = None
-) -> list[tuple[str, str | None, str, str, datetime]]:
+class ReviewedLabel(NamedTuple):
+    """One image's QA label (see `reviewed_labels`)."""
+
+    sha256: str
+    image_path: str | None  # absolute; None when the image was not kept
+    label: str  # 'defect' | 'ok'
+    reviewer: str
+    decided_at: datetime
+    defect_type: str | None  # QA's confirmed type of a defect; None: no type given (always None for 'ok')
+
+    def for_manifest(self) -> tuple[str, str, str, datetime, str | None]:
+        """The tuple `inspection.ingest.apply_review_labels` takes."""
+        return self.sha256, self.label, self.reviewer, self.decided_at, self.defect_type
+
+
+def reviewed_labels(store: DecisionStore | str | Path, media_dir: str | Path | None = None) -> list[ReviewedLabel]:
     """Labels from QA decisions, for `inspection.ingest.apply_review_labels` and `inspection review export`.
 
-    Returns `(image_sha256, image_path, label, reviewer, decided_at)` per image, label 'defect' (confirm_defect)
-    or 'ok' (override_ok), from each part's effective decision (undone decisions do not count); `reviewer` is who
+    Returns `ReviewedLabel(image_sha256, image_path, label, reviewer, decided_at, defect_type)` per image, label
+    'defect' (confirm_defect, with the type QA confirmed, if any) or 'ok' (override_ok, never a type), from each
+    part's effective decision (undone decisions do not count); `reviewer` is who
     made that decision. `decided_at` is when the label took effect: the time of the part's latest review row, so
     that after an undo brings back an earlier decision, its label is newer than the withdrawn one (consumers such
     as `apply_review_labels` keep the latest label per image). `image_path` is absolute (None when the image was
@@ -442,6 +480,7 @@ def reviewed_labels(
             decision.c.reviewer,
             eff.c.changed_at,
             decision.c.id,
+            decision.c.defect_type,
         )
         .select_from(inspections)
         .join(eff, eff.c.request_id == inspections.c.request_id)
@@ -449,11 +488,13 @@ def reviewed_labels(
         .where(inspections.c.image_sha256.is_not(None), decision.c.action.in_(DECISION_ACTIONS))
         .order_by(eff.c.changed_at, decision.c.id)
     )
-    latest: dict[str, tuple[str, str | None, str, str, datetime]] = {}
+    latest: dict[str, ReviewedLabel] = {}
     with st.engine.connect() as conn:
-        for sha, rel, action, reviewer, changed_at, _ in conn.execute(stmt):
+        for sha, rel, action, reviewer, changed_at, _, kind in conn.execute(stmt):
             path = str((st.media_dir / rel).resolve()) if rel else None
-            latest[sha] = (sha, path, LABEL_OF_ACTION[action], reviewer, _utc(changed_at))  # later rows win
+            label = LABEL_OF_ACTION[action]
+            kind = kind if label == "defect" else None  # a type picked before pressing "Override: OK" means nothing
+            latest[sha] = ReviewedLabel(sha, path, label, reviewer, _utc(changed_at), kind)  # type: ignore[arg-type]
     return sorted(latest.values(), key=lambda t: (t[4], t[0]))
 
 

@@ -1,5 +1,6 @@
-"""Review statistics and their charts: flagged parts per hour, override rate, confirmed defects by type, and the
-same per model version. Counting happens in SQL (portable GROUP BYs); only flagged parts' timestamps are read
+"""Review statistics and their charts: flagged parts per hour, override rate, confirmed defects by type, the
+types QA confirmed against those a typed model predicted (a confusion table), and the same per model version.
+Counting happens in SQL (portable GROUP BYs); only flagged parts' timestamps are read
 back for the hourly bins, so a week of a busy line stays cheap. Charts are plain server-rendered SVG (no
 JavaScript, no external library), sized with a viewBox so they scale with the page.
 """
@@ -21,6 +22,9 @@ from inspection.schemas import DefectType, ReviewAction
 logger = logging.getLogger(__name__)
 
 MAX_HOURLY_BINS = 24 * 31  # beyond a month the hourly chart is unreadable: bins become days
+UNSPECIFIED = "unspecified"  # confirmed a defect without naming a type
+NO_PREDICTION = "none"  # the model gave no type (an untyped model, or a part held without a verdict)
+OVERRIDDEN = "ok"  # QA passed the part: the model's type (if any) was for a defect that is not there
 
 
 @dataclass
@@ -52,7 +56,11 @@ class ReviewStats:
     confirmed: int = 0
     overridden: int = 0
     flagged_bins: list[tuple[datetime, int, int]] = field(default_factory=list)  # (bin start, reject, review)
-    defects_by_type: dict[str, int] = field(default_factory=dict)
+    defects_by_type: dict[str, int] = field(default_factory=dict)  # QA-confirmed defects per type
+    predicted_by_type: dict[str, int] = field(default_factory=dict)  # inspections per type the model answered
+    # decided flagged inspections: QA's answer (a type, UNSPECIFIED or OVERRIDDEN) -> the model's type (or
+    # NO_PREDICTION) -> count
+    type_confusion: dict[str, dict[str, int]] = field(default_factory=dict)
     per_version: list[VersionStats] = field(default_factory=list)
 
     @property
@@ -63,6 +71,35 @@ class ReviewStats:
     def override_rate(self) -> float | None:
         """Share of decided flagged parts that QA passed: the observed false-reject rate of the model."""
         return self.overridden / self.decided if self.decided else None
+
+    @property
+    def type_compared(self) -> int:
+        """Confirmed defects where both QA and the model named a type."""
+        return sum(
+            n
+            for qa, row in self.type_confusion.items()
+            if qa not in (UNSPECIFIED, OVERRIDDEN)
+            for model, n in row.items()
+            if model != NO_PREDICTION
+        )
+
+    @property
+    def type_agreement(self) -> float | None:
+        """Of the confirmed defects both typed, the share where QA confirmed the model's type."""
+        same = sum(row.get(qa, 0) for qa, row in self.type_confusion.items() if qa not in (UNSPECIFIED, OVERRIDDEN))
+        return same / self.type_compared if self.type_compared else None
+
+    def confusion_axes(self) -> tuple[list[str], list[str]]:
+        """(rows, columns) of the confusion table: types in both orders alike (shared types first, so the
+        diagonal is agreement), then UNSPECIFIED / OVERRIDDEN rows and the NO_PREDICTION column."""
+        qa = {k for k in self.type_confusion if k not in (UNSPECIFIED, OVERRIDDEN)}
+        model = {m for row in self.type_confusion.values() for m in row if m != NO_PREDICTION}
+        types = sorted(qa & model) + sorted(qa - model) + sorted(model - qa)
+        rows = [t for t in types if t in qa] + [k for k in (UNSPECIFIED, OVERRIDDEN) if k in self.type_confusion]
+        cols = [t for t in types if t in model]
+        if any(NO_PREDICTION in row for row in self.type_confusion.values()):
+            cols.append(NO_PREDICTION)
+        return rows, cols
 
 
 def _utc(value: datetime) -> datetime:
@@ -97,29 +134,42 @@ def compute_stats(store: DecisionStore, since: datetime, until: datetime, statio
             v.inspected += n
             if verdict in FLAGGED_VERDICTS:
                 v.flagged += n
+        predicted = inspections.c.defect_type
         decided_rows = conn.execute(
-            select(version_col, decision.c.action, decision.c.defect_type, func.count())
+            select(version_col, decision.c.action, decision.c.defect_type, predicted, func.count())
             .select_from(inspections)
             .join(eff, eff.c.request_id == inspections.c.request_id)
             .join(decision, decision.c.id == eff.c.effective_id)
             .where(*where, inspections.c.verdict.in_(FLAGGED_VERDICTS))
-            .group_by(version_col, decision.c.action, decision.c.defect_type)
+            .group_by(version_col, decision.c.action, decision.c.defect_type, predicted)
+        ).all()
+        predicted_rows = conn.execute(
+            select(predicted, func.count()).where(*where, predicted.is_not(None)).group_by(predicted)
         ).all()
         flagged = inspections.c.verdict.in_(FLAGGED_VERDICTS)
         times = select(inspections.c.timestamp, inspections.c.verdict).where(*where, flagged)
         flagged_times = conn.execute(times).all()
 
     by_type = {d.value: 0 for d in DefectType}
-    by_type["unspecified"] = 0
-    for version, action, defect_type, n in decided_rows:
+    by_type[UNSPECIFIED] = 0
+    confusion: dict[str, dict[str, int]] = {}
+    for version, action, defect_type, predicted_type, n in decided_rows:
         v = vs(version)
         v.decided += n
         if action == ReviewAction.confirm_defect.value:
             v.confirmed += n
-            by_type[defect_type or "unspecified"] = by_type.get(defect_type or "unspecified", 0) + n
+            by_type[defect_type or UNSPECIFIED] = by_type.get(defect_type or UNSPECIFIED, 0) + n
+            answer = defect_type or UNSPECIFIED
         elif action == ReviewAction.override_ok.value:
             v.overridden += n
+            answer = OVERRIDDEN
+        else:
+            continue
+        row = confusion.setdefault(answer, {})
+        row[predicted_type or NO_PREDICTION] = row.get(predicted_type or NO_PREDICTION, 0) + n
     out.defects_by_type = by_type
+    out.predicted_by_type = {t: int(n) for t, n in sorted(predicted_rows)}
+    out.type_confusion = confusion
     out.per_version = sorted(versions.values(), key=lambda v: v.model_version)
     for v in out.per_version:
         out.inspected += v.inspected
@@ -238,6 +288,9 @@ def stats_summary(stats: ReviewStats) -> dict[str, Any]:
         "overridden": stats.overridden,
         "override_rate": stats.override_rate,
         "defects_by_type": stats.defects_by_type,
+        "predicted_by_type": stats.predicted_by_type,
+        "type_confusion": stats.type_confusion,
+        "type_agreement": stats.type_agreement,
         "flagged_bins": [(t.isoformat(), rej, rev) for t, rej, rev in stats.flagged_bins],
         "per_version": [
             {

@@ -23,12 +23,13 @@ from inspection.decisions import DecisionStore
 from inspection.review import parts, queries
 from inspection.review.auth import SESSION_COOKIE, Auth, Session, tokens_equal
 from inspection.review.config import ROLES, ReviewConfig
+from inspection.review.types import TypeChoices, type_label
 from inspection.schemas import DefectType
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-DEFECT_TYPES = [(d.value, d.value.replace("_", "/")) for d in DefectType]  # value, label (burr/flash)
+DEFECT_TYPES = [(d.value, type_label(d.value)) for d in DefectType]  # QA's enum: value, label (burr/flash)
 ACTION_LABELS = {"confirm_defect": "Confirmed defect", "override_ok": "Override: OK", "undo": "Undo"}
 MESSAGES = {  # fixed texts for ?msg=..., so nothing from the URL is ever echoed into the page
     "decided": "Decision saved.",
@@ -91,6 +92,7 @@ class Web:
         self.media_root = store.media_dir.resolve()
         self.window_s = config.part_window_s
         self.conflicts: Any = None  # conflicts.ConflictSource when an ingest store is configured
+        self.types = TypeChoices(store, config.registry)  # the part form's defect types (model's, then QA's enum)
         self.templates = Jinja2Templates(directory=HERE / "templates")  # .html templates autoescape
         env = self.templates.env
         zone = self.zone
@@ -98,7 +100,7 @@ class Web:
         env.filters["hm"] = lambda v: "" if v is None else v.astimezone(zone).strftime("%H:%M:%S")
         env.filters["score"] = lambda v: "—" if v is None else f"{v:.3f}"
         env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f} %"
-        env.filters["defect_label"] = lambda v: (v or "").replace("_", "/")
+        env.filters["defect_label"] = type_label
         env.globals.update(
             title=config.title,
             tz_name=config.display_timezone,

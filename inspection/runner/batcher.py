@@ -50,6 +50,25 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class Incoming:
+    """How many requests are being read/decoded right now. One counter can be shared by several batchers (one per
+    product): a request's product is known only once its fields are read, and any of them may be about to come."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def track(self):
+        with self._lock:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -60,6 +79,8 @@ class MicroBatcher:
         metrics: RunnerMetrics | None = None,
         workers: int = 1,
         finish: Callable[[list[np.ndarray], list[Prediction], list[Any]], list[Any]] | None = None,
+        incoming: Incoming | None = None,
+        name: str = "micro-batcher",
     ):
         if workers < 1:
             raise ValueError(f"workers: got {workers}, need at least 1")
@@ -71,8 +92,8 @@ class MicroBatcher:
         self.queue_limit = queue_limit
         self.metrics = metrics
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._incoming = 0
-        self._incoming_lock = threading.Lock()
+        self._incoming = incoming or Incoming()
+        self.name = name  # thread names: which product's worker a stack trace is from
         self._count_lock = threading.Lock()  # several workers count batches
         self._active = 0  # batches inside the model right now
         self._threads: list[threading.Thread] = []
@@ -87,7 +108,7 @@ class MicroBatcher:
             return
         self._running = True
         self._threads = [
-            threading.Thread(target=self._run, name=f"micro-batcher-{i}", daemon=True) for i in range(self.workers)
+            threading.Thread(target=self._run, name=f"{self.name}-{i}", daemon=True) for i in range(self.workers)
         ]
         for t in self._threads:
             t.start()
@@ -110,16 +131,9 @@ class MicroBatcher:
 
     # -- producers -----------------------------------------------------------------------------------------
 
-    @contextmanager
     def incoming(self):
         """Mark a request as being read/decoded, so the worker knows more frames are about to come."""
-        with self._incoming_lock:
-            self._incoming += 1
-        try:
-            yield
-        finally:
-            with self._incoming_lock:
-                self._incoming -= 1
+        return self._incoming.track()
 
     @property
     def depth(self) -> int:
@@ -148,7 +162,7 @@ class MicroBatcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 remaining = deadline - time.perf_counter()
-                if self._incoming <= 0 or remaining <= 0:
+                if self._incoming.count <= 0 or remaining <= 0:
                     break
                 try:
                     item = self._queue.get(timeout=remaining)

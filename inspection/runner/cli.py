@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,8 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for p in (serve, inspect):
         p.add_argument("--registry", type=Path, help="model registry root (serves its production alias)")
         p.add_argument("--station", help="station id (MQTT topic, default station of requests)")
+        p.add_argument("--product", help="product of requests that name none (default: the registry's 'default')")
         p.add_argument("--config", type=Path, help="runner YAML (see configs/runner.yaml)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    serve.add_argument(
+        "--products", metavar="A,B", help="serve these products side by side (each its own model and hot swap)"
+    )
+    serve.add_argument(
+        "--station-product",
+        action="append",
+        default=[],
+        metavar="STATION=PRODUCT",
+        help="fix a station's product (its requests, OPC UA object, folder mode); repeatable",
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--watch", type=Path, help="camera drop folder to watch (folder mode)")
@@ -61,6 +73,11 @@ def build_config(args: argparse.Namespace) -> RunnerConfig:
         overrides.append(f"registry={args.registry}")
     if args.station:
         overrides.append(f"station={args.station}")
+    if args.product:
+        overrides.append(f"product={args.product}")
+    if getattr(args, "products", None):
+        names = [json.dumps(p.strip()) for p in args.products.split(",") if p.strip()]
+        overrides.append(f"products=[{', '.join(names)}]")
     if getattr(args, "host", None):
         overrides.append(f"http.host={args.host}")
     if getattr(args, "port", None):
@@ -83,6 +100,15 @@ def build_config(args: argparse.Namespace) -> RunnerConfig:
     if getattr(args, "opcua_image_root", None):
         overrides.append(f"opcua.image_roots=[{', '.join(json.dumps(str(p)) for p in args.opcua_image_root)}]")
     config = load_config(RunnerConfig, args.config, overrides)
+    fixed = {}
+    for item in getattr(args, "station_product", None) or []:
+        station, sep, product = item.partition("=")
+        if not sep or not station or not product:
+            raise ConfigError(f"--station-product {item!r} must look like STATION=PRODUCT (e.g. cell-3=tile)")
+        fixed[station] = product
+    if fixed:  # merged into the config file's mapping, then checked as a whole
+        config = replace(config, station_products={**config.station_products, **fixed})
+        config.validate()
     if config.registry is None:
         raise ConfigError("no model registry: pass --registry DIR or set registry in the config")
     return config
@@ -94,10 +120,19 @@ def _inspect_files(config: RunnerConfig, files: list[Path]) -> int:
     from inspection.schemas import InspectionResult, Verdict
     from inspection.thresholds import verdict_for
 
-    version = Registry(config.registry).alias(config.alias)
+    product = config.product_for_station(config.station) or config.served_products[0]
+    version = Registry(config.registry, product=product).alias(config.alias)
     if version is None:
-        raise ConfigError(f"registry {config.registry} has no {config.alias!r} alias")
-    inf = load_inferencer(config.registry, version, config.providers, config.threads, config.model_file, warmup_runs=1)
+        raise ConfigError(f"registry {config.registry} has no {config.alias!r} alias for product {product!r}")
+    inf = load_inferencer(
+        config.registry,
+        version,
+        config.providers,
+        config.threads,
+        config.model_file,
+        warmup_runs=1,
+        product=product,
+    )
     held = 0
     for path in files:
         t0 = time.perf_counter()
@@ -108,6 +143,7 @@ def _inspect_files(config: RunnerConfig, files: list[Path]) -> int:
             "station": config.station,
             "timestamp": datetime.now(UTC),
             "image_sha256": hashlib.sha256(data).hexdigest() if data else None,
+            "product": product,
         }
         try:
             pred = inf.predict([decode_image(data, config.image_limits)])[0]
@@ -120,9 +156,13 @@ def _inspect_files(config: RunnerConfig, files: list[Path]) -> int:
                 reason=f"{exc.reason}: {exc.detail}",
             )
         else:
+            verdict = verdict_for(pred.score, pred.thresholds)
+            flagged = verdict != Verdict.pass_  # a type is named for a flagged part only, as on the line
             result = InspectionResult(
                 **common,
-                verdict=verdict_for(pred.score, pred.thresholds),
+                verdict=verdict,
+                defect_type=pred.defect_type if flagged else None,
+                defect_type_probability=pred.defect_type_probability if flagged else None,
                 defect_score=pred.score,
                 thresholds=pred.thresholds,
                 model_version=pred.version,

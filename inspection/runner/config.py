@@ -93,9 +93,15 @@ class SwapConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    registry: Path | None = None  # model registry root; the runner serves its `alias` version
+    registry: Path | None = None  # model registry root; the runner serves each product's `alias` version
     station: str = "station-1"  # station id: default for requests that do not name one, and the MQTT topic
     alias: str = "production"
+    # products (registry.py): each served one has its own model, hot swap, rollback and drift monitor.
+    # A request names its product (`product` field / X-Product), or its station has one fixed in
+    # `station_products`, or it gets `product`; null: a request must say (fail-closed instead of a guess)
+    product: str | None = "default"  # "default": the registry folder's own (single-product) aliases
+    products: tuple[str, ...] = ()  # every product served; empty: just `product`
+    station_products: dict[str, str] = field(default_factory=dict)  # station -> its one product (OPC UA, folder)
     model_file: str = "model.onnx"  # or "model.int8.onnx" where the version has one and the CPU gains from it
     store: str = "runner_store"  # decision store: a directory (SQLite inside), a .sqlite path or a DB URL
     media_dir: Path | None = None  # kept images/heatmaps; default: next to the SQLite file
@@ -145,6 +151,7 @@ class RunnerConfig:
         if self.mqtt.outbox_batch < 1 or self.mqtt.outbox_max_rows < 1 or self.mqtt.outbox_poll_s <= 0:
             raise ConfigError("mqtt.outbox_batch and mqtt.outbox_max_rows must be ≥ 1, mqtt.outbox_poll_s > 0")
         self._validate_opcua()
+        self._validate_products()
         unknown = [p for p in self.providers if not p.endswith("ExecutionProvider")]
         if unknown:
             raise ConfigError(f"providers {unknown} are not onnxruntime provider names (e.g. CPUExecutionProvider)")
@@ -160,6 +167,38 @@ class RunnerConfig:
             host, _, port = ep.removeprefix("opc.tcp://").partition("/")[0].rpartition(":")
             if not ep.startswith("opc.tcp://") or not host or not port.isdigit():
                 raise ConfigError(f"opcua.endpoint {ep!r} must look like opc.tcp://HOST:PORT (opc.tcp://0.0.0.0:4840)")
+
+    def _validate_products(self) -> None:
+        from inspection.errors import RegistryError
+        from inspection.registry import check_product
+
+        try:
+            for name in (*self.products, *self.station_products.values(), *([self.product] if self.product else [])):
+                check_product(name)
+        except RegistryError as exc:
+            raise ConfigError(f"runner products: {exc}") from None
+        if len(set(self.products)) != len(self.products):
+            raise ConfigError(f"products {list(self.products)} names a product twice")
+        served = self.served_products
+        if not served:
+            raise ConfigError("no product to serve: set product (e.g. default) or list products")
+        if self.product is not None and self.product not in served:
+            raise ConfigError(f"product {self.product!r} (for requests that name none) is not in products {served}")
+        for station in self.station_products:
+            if not station or any(c in station for c in "/+#"):
+                raise ConfigError(f"station_products: station {station!r} must be non-empty, without '/', '+', '#'")
+        stray = {s: p for s, p in self.station_products.items() if p not in served}
+        if stray:
+            raise ConfigError(f"station_products {stray}: not in the products served ({', '.join(served)})")
+
+    @property
+    def served_products(self) -> tuple[str, ...]:
+        """The products this runner serves, each with its own model slot."""
+        return self.products or ((self.product,) if self.product else ())
+
+    def product_for_station(self, station: str) -> str | None:
+        """The product of a part from `station` that names none: the station's own, else `product`."""
+        return self.station_products.get(station, self.product)
 
     @property
     def opcua_stations(self) -> tuple[str, ...]:

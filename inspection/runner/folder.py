@@ -9,7 +9,8 @@ Per file, in this order (each step survives a crash of the one after it):
 4. append the result as one JSON line (an `InspectionResult`) to the results file, fsync, mark it emitted;
 5. move the file to `processed/` (model verdict) or `flagged/` (no model verdict: bad image or model error,
    with a `<name>.reason.json` beside it).
-Files still being written (younger than `settle_s`), hidden files and temporary names are left alone.
+Files still being written (younger than `settle_s`), hidden files and temporary names are left alone. The files
+are the runner's station's parts, judged by that station's product (`station_products`, else `product`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from inspection.images import decode_image
 from inspection.schemas import InspectionResult
 
 if TYPE_CHECKING:
-    from inspection.runner.service import Runtime
+    from inspection.runner.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class FolderWatcher:
         cfg = runtime.config.folder
         assert cfg.watch is not None
         self.rt = runtime
+        self.slot = runtime.slot_for_station(runtime.config.station)  # the one product of this folder's parts
         self.watch = Path(cfg.watch)
         self.processed = Path(cfg.processed_dir or self.watch / "processed")
         self.flagged = Path(cfg.flagged_dir or self.watch / "flagged")
@@ -72,7 +74,7 @@ class FolderWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.rt.holder.current is None:  # no model yet: wait rather than hold every file
+            if self.slot.holder.current is None:  # no model yet: wait rather than hold every file
                 self._stop.wait(self.poll_s)
                 continue
             try:
@@ -133,7 +135,7 @@ class FolderWatcher:
         reason = None
         try:
             image = decode_image(data, limits)
-            future = self.rt.batcher.submit(image)
+            future = self.slot.batcher.submit(image)
             pred = future.result(timeout=self.rt.config.batching.timeout_s)
         except ImageValidationError as exc:
             reason = f"{exc.reason}: {exc.detail}"
@@ -141,7 +143,7 @@ class FolderWatcher:
         except Exception as exc:  # model error, timeout, overload: held, like HTTP's 503
             reason = f"model_error: {type(exc).__name__}: {exc}"[:500]
             self.rt.metrics.errors.labels("model_error").inc()
-        result = self.rt.decide(request_id, part_id, station, t0, pred, reason, sha)
+        result = self.rt.decide(request_id, part_id, station, t0, pred, reason, sha, self.slot.product)
         destination = "processed" if pred is not None else "flagged"
         keep = data if len(data) <= limits.max_bytes else None
         self.rt.store.record_inspection(

@@ -1,6 +1,9 @@
 """Hot model swap: follow the registry's alias and replace the serving model without dropping a request.
 
-A background thread polls the mtime of `REGISTRY/aliases.json` (the registry writes it atomically). When it
+One swapper per product served: it polls the mtime of that product's `aliases.json` (`REGISTRY/aliases.json` for
+the product "default", `REGISTRY/products/<product>/aliases.json` for the others; the registry writes it
+atomically), and publishes into that product's holder only, so a swap or a refused version of one product never
+touches another's serving model. When it
 changes (or no model serves yet), the alias is resolved; a new version is loaded, verified (sha256, smoke
 inference) and warmed in this thread while the old one keeps serving, then published by one reference
 assignment, which the micro-batcher reads once per batch. A version that fails any check is refused: the old
@@ -50,13 +53,18 @@ class HotSwapper:
         poll_s: float = 1.0,
         metrics: RunnerMetrics | None = None,
         loader: Callable[[str], Inferencer] | None = None,
+        product: str | None = None,
     ):
-        self.root = Path(registry_root)
+        from inspection.registry import DEFAULT_PRODUCT, product_home
+
+        self.registry_root = Path(registry_root)
+        self.product = product or DEFAULT_PRODUCT
+        self.root = product_home(self.registry_root, self.product)  # the folder whose aliases.json is followed
         self.holder = holder
         self.alias = alias
         self.poll_s = poll_s
         self.metrics = metrics
-        self._load = loader or (lambda version: load_inferencer(self.root, version))
+        self._load = loader or (lambda version: load_inferencer(self.registry_root, version, product=self.product))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one check at a time (poll thread vs admin endpoint)
@@ -91,7 +99,7 @@ class HotSwapper:
     def resolve(self) -> str | None:
         from inspection.registry import Registry
 
-        return Registry(self.root).alias(self.alias)
+        return Registry(self.registry_root, product=self.product).alias(self.alias)
 
     def check(self, force: bool = False) -> str:
         """Bring the serving model in line with the alias. Returns 'unchanged', 'swapped', 'refused' or 'no_alias'."""
@@ -134,7 +142,8 @@ class HotSwapper:
             if version in self.refused and not force:
                 return "refused"
             logger.info(
-                "hot swap: %s -> %s: loading, verifying and warming in the background",
+                "hot swap (product %s): %s -> %s: loading, verifying and warming in the background",
+                self.product,
                 current.version if current else None,
                 version,
             )
@@ -145,22 +154,27 @@ class HotSwapper:
                 self.refused[version] = why
                 self.last_error = f"version {version} refused: {why}"
                 logger.error(
-                    "hot swap: version %s REFUSED (%s); still serving %s",
+                    "hot swap (product %s): version %s REFUSED (%s); still serving %s",
+                    self.product,
                     version,
                     why,
                     current.version if current else "nothing",
                 )
                 if self.metrics is not None:
-                    self.metrics.swaps.labels("refused").inc()
+                    self.metrics.swap_outcome(self.product, "refused")
                     self.metrics.errors.labels("model_load").inc()
                 return "refused"
             old = self.holder.swap(new)
             self.last_error = None
             if self.metrics is not None:
-                self.metrics.swaps.labels("swapped").inc()
-                self.metrics.set_model(new.version, new.provider, self.alias)
+                self.metrics.swap_outcome(self.product, "swapped")
+                self.metrics.set_model(new.version, new.provider, self.alias, self.product)
             logger.info(
-                "hot swap: now serving %s on %s (was %s)", new.version, new.provider, old.version if old else None
+                "hot swap (product %s): now serving %s on %s (was %s)",
+                self.product,
+                new.version,
+                new.provider,
+                old.version if old else None,
             )
             return "swapped"
 
@@ -187,7 +201,7 @@ class HotSwapper:
     def start(self, initial: bool = True) -> None:
         if initial:
             self.check()
-        self._thread = threading.Thread(target=self._run, name="hot-swap", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"hot-swap-{self.product}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

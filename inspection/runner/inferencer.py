@@ -7,13 +7,15 @@ outputs on the smoke frames, recorded when it was exported: `smoke_reference`), 
 a file damaged before it was hashed (a valid ONNX graph with some weights zeroed) passes the sha256 and gives
 sane-looking scores, and only a reference tells it from the model that was exported.
 `Inferencer.predict` takes decoded camera frames of any sizes and groups them by shape, because the graph takes
-one (N, H, W, 3) tensor per call.
+one (N, H, W, 3) tensor per call. A model that learned defect types (a third output, `card.defect_types`) also
+gives each part its most likely type and that type's probability; the verdict stays with the defect score.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from inspection.errors import InspectionError
-from inspection.schemas import ModelCard, Thresholds
+from inspection.schemas import DEFECT_TYPE_PATTERN, ModelCard, Thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +51,20 @@ def smoke_frames(size: int) -> list[np.ndarray]:
 def smoke_reference(model, input_size: int) -> dict[str, list]:
     """A model's outputs on the smoke frames (`model`: an OnnxModel or an Inferencer's model), to be written as
     `{model file name: this}` into the export's smoke_reference.json when the model is known good."""
-    scores, heatmaps = [], []
+    typed = bool(getattr(model, "type_names", ()))
+    scores, heatmaps, type_probs = [], [], []
     for frame in smoke_frames(input_size):
-        probs, heat = model.predict(frame[None])
+        if typed:  # a damaged type head must be caught too
+            probs, heat, types = model.predict_with_types(frame[None])
+            type_probs.append(np.asarray(types[0], np.float64).round(7).tolist())
+        else:
+            probs, heat = model.predict(frame[None])
         scores.append(float(np.asarray(probs).reshape(-1)[0]))
         heatmaps.append(np.asarray(heat[0], np.float64).round(7).tolist())
-    return {"scores": scores, "heatmaps": heatmaps}
+    out: dict[str, list] = {"scores": scores, "heatmaps": heatmaps}
+    if typed:
+        out["type_probs"] = type_probs
+    return out
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,21 @@ class Prediction:
     heatmap: np.ndarray  # (h, w) float32 in [0, 1]
     version: str  # the model version that produced it (a swap may happen between two batches)
     thresholds: Thresholds
+    type_probs: np.ndarray | None = None  # (T,) probabilities of the defect types, given a defect; None: untyped
+    type_names: tuple[str, ...] = ()  # names of type_probs, in order (card.defect_types)
+
+    @property
+    def defect_type(self) -> str | None:
+        """The most likely defect type (a typed model), else None."""
+        if self.type_probs is None or not self.type_names:
+            return None
+        return self.type_names[int(np.argmax(self.type_probs))]
+
+    @property
+    def defect_type_probability(self) -> float | None:
+        if self.type_probs is None or not self.type_names:
+            return None
+        return float(min(max(float(np.max(self.type_probs)), 0.0), 1.0))
 
 
 class Inferencer:
@@ -77,6 +102,8 @@ class Inferencer:
         self.provider = str(getattr(model, "provider", "unknown"))
         self.input_size = int(card.preprocess.get("input_size", 224))
         self.loaded_at = time.time()
+        # the types the model really answers (a typed graph with a card naming them; OnnxModel.type_names)
+        self.type_names: tuple[str, ...] = tuple(getattr(model, "type_names", ()) or ())
 
     def predict(self, images: Sequence[np.ndarray], busy: bool = False) -> list[Prediction]:
         """uint8 RGB frames (H_i, W_i, 3) -> one Prediction each, in order (frames grouped by shape).
@@ -89,7 +116,13 @@ class Inferencer:
         for indices in groups.values():
             # (N, H, W, 3); a single frame is a view, no copy
             batch = images[indices[0]][None] if len(indices) == 1 else np.stack([images[i] for i in indices])
-            probs, heatmaps = self.model.predict(np.ascontiguousarray(batch, dtype=np.uint8), busy=busy)
+            batch = np.ascontiguousarray(batch, dtype=np.uint8)
+            types = None
+            if self.type_names:
+                probs, heatmaps, types = self.model.predict_with_types(batch, busy=busy)
+                types = self._checked_types(types, len(indices))
+            else:
+                probs, heatmaps = self.model.predict(batch, busy=busy)
             probs = np.asarray(probs, dtype=np.float32).reshape(-1)
             if probs.shape[0] != len(indices) or not np.all(np.isfinite(probs)):
                 raise ModelRejectedError(
@@ -98,8 +131,19 @@ class Inferencer:
                 )
             for j, i in enumerate(indices):
                 score = float(min(max(probs[j], 0.0), 1.0))
-                out[i] = Prediction(score, heatmaps[j], self.version, self.thresholds)
+                row = None if types is None else types[j]
+                out[i] = Prediction(score, heatmaps[j], self.version, self.thresholds, row, self.type_names)
         return out  # type: ignore[return-value]
+
+    def _checked_types(self, types: np.ndarray | None, n: int) -> np.ndarray:
+        """The (N, T) type probabilities, or ModelRejectedError when they break the contract."""
+        arr = None if types is None else np.asarray(types, dtype=np.float32)
+        if arr is None or arr.shape != (n, len(self.type_names)) or not np.all(np.isfinite(arr)):
+            raise ModelRejectedError(
+                f"model {self.version} returned defect-type probabilities of shape "
+                f"{None if arr is None else arr.shape} for {n} images and types {list(self.type_names)}"
+            )
+        return arr
 
     def smoke_test(self, runs: int = 1) -> None:
         """Run synthetic frames through the model; raise ModelRejectedError unless outputs are sane."""
@@ -117,6 +161,9 @@ class Inferencer:
                         f"model {self.version}: smoke output out of contract (score {p.score}, heatmap "
                         f"shape {getattr(p.heatmap, 'shape', None)})"
                     )
+                types = p.type_probs
+                if types is not None and not (np.all(types >= -1e-6) and np.all(types <= 1 + 1e-6)):
+                    raise ModelRejectedError(f"model {self.version}: defect-type probabilities {types} not in 0..1")
 
     def check_reference(self, reference: dict, tolerance: float = REFERENCE_TOLERANCE) -> float:
         """Raise ModelRejectedError unless the outputs on the smoke frames match `reference` (see
@@ -132,6 +179,11 @@ class Inferencer:
                         f"model {self.version}: heatmap {p.heatmap.shape} where its reference has {ref_map.shape}"
                     )
                 diffs.append(float(np.max(np.abs(p.heatmap - ref_map))))
+            if "type_probs" in reference:  # recorded for a typed model
+                for p, ref in zip(preds, reference["type_probs"], strict=True):
+                    if p.type_probs is None:
+                        raise ModelRejectedError(f"model {self.version}: no defect types where its reference has them")
+                    diffs.append(float(np.max(np.abs(p.type_probs - np.asarray(ref, np.float64)))))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelRejectedError(f"model {self.version}: {REFERENCE_FILE} is unusable: {exc}") from None
         worst = max(diffs)
@@ -197,14 +249,16 @@ def load_inferencer(
     busy_threads: int | None = None,
     peak_batch: int = 0,
     peak_concurrency: int = 1,
+    product: str | None = None,
 ) -> Inferencer:
-    """Load `version` from the registry, verify (sha256 + smoke inference) and warm it. Never returns a model
-    that failed a check: raises ModelRejectedError (or the registry's IntegrityError/RegistryError)."""
+    """Load `version` of `product` (None: the registry folder's default product) from the registry, verify
+    (sha256 + smoke inference) and warm it. Never returns a model that failed a check: raises ModelRejectedError
+    (or the registry's IntegrityError/RegistryError, e.g. for a version of another product)."""
     from inspection.onnx_infer import OnnxModel
     from inspection.registry import Registry
 
     t0 = time.perf_counter()
-    mv = Registry(registry_root).get(version)  # verifies every file's sha256 against the card
+    mv = Registry(registry_root, product=product).get(version)  # verifies every file's sha256 against the card
     path = Path(mv.dir) / model_file if model_file != "model.onnx" else Path(mv.model_path)
     if not path.is_file():
         raise ModelRejectedError(f"version {version} has no {path.name}; files: {sorted(mv.card.files)}")
@@ -221,6 +275,13 @@ def load_inferencer(
         **spinning_options(spinning),
     )
     inf = Inferencer(model, mv.version, mv.card, path)
+    bad = [t for t in inf.type_names if not re.match(DEFECT_TYPE_PATTERN, t)]
+    if bad:  # they go into the decision store, MQTT and OPC UA as they are
+        raise ModelRejectedError(
+            f"version {version}: defect types {bad} are not names like 'crack' ({DEFECT_TYPE_PATTERN})"
+        )
+    if mv.card.defect_types and not inf.type_names:
+        logger.warning("version %s: its card names defect types but the model has no type output", version)
     inf.smoke_test(smoke_runs)
     ref_path = Path(mv.dir) / REFERENCE_FILE
     if ref_path.is_file():

@@ -38,18 +38,33 @@ class RunnerMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
-        self.model_info = Info("inspection_runner_model", "Model version serving and its provider", registry=r)
-        self.model_loaded = Gauge("inspection_runner_model_loaded", "1 when a verified, warm model serves", registry=r)
+        self.model_info = Info(
+            "inspection_runner_model", "Model version serving and its provider, per product", ["product"], registry=r
+        )
+        self.model_loaded = Gauge(
+            "inspection_runner_model_loaded", "1 when a verified, warm model serves", ["product"], registry=r
+        )
         self.swaps = Counter(
             "inspection_runner_model_swaps_total", "Model swap attempts, by outcome", ["outcome"], registry=r
+        )
+        # per product (new series, so the totals above keep their labels for existing dashboards)
+        self.product_swaps = Counter(
+            "inspection_runner_product_swaps_total", "Model swaps per product", ["product", "outcome"], registry=r
+        )
+        self.product_verdicts = Counter(
+            "inspection_runner_product_verdicts_total", "Decisions per product", ["product", "verdict"], registry=r
         )
         self.mqtt_published = Counter(
             "inspection_runner_mqtt_published_total", "Verdicts handed to the MQTT client", registry=r
         )
 
-    def set_model(self, version: str, provider: str, alias: str) -> None:
-        self.model_info.info({"version": version, "provider": provider, "alias": alias})
-        self.model_loaded.set(1)
+    def set_model(self, version: str, provider: str, alias: str, product: str = "default") -> None:
+        self.model_info.labels(product).info({"version": version, "provider": provider, "alias": alias})
+        self.model_loaded.labels(product).set(1)
+
+    def swap_outcome(self, product: str, outcome: str) -> None:
+        self.swaps.labels(outcome).inc()
+        self.product_swaps.labels(product, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

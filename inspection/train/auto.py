@@ -128,9 +128,8 @@ def run_auto(
     folds = part_folds(targets, [s.group_id for s in pool], config.folds, config.seed)
     native = preprocess_for(config.backbone).input_size
     cam = camera_size(pool, native, config.auto_max_size)
-    from inspection.train.data import common_size
+    from inspection.train.data import loader_preprocess, loader_size
 
-    size_hw = common_size(pool)
     sizes = sorted({native, cam})
     plan = [Candidate(f"head-{s}", "head", s) for s in sizes if "head" in config.auto_modes]
     plan += [Candidate(f"partial-{cam}", "partial", cam)] if "partial" in config.auto_modes else []
@@ -144,6 +143,7 @@ def run_auto(
             cfg = replace(cfg, partial_cache=True)
         net = build_net_for(cfg).to(device)
         apply_freeze(net, cfg)
+        size_hw = loader_size(pool, loader_preprocess(cfg))  # letterbox: each candidate's own square input
         fitter = CrossFitter(net, cfg, pool, size_hw, device, folds=folds)
         elapsed = time.perf_counter() - t_start
         views = 1 + (cfg.cached_views if cfg.augment.enabled else 0)

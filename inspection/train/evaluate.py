@@ -198,7 +198,7 @@ def run_evaluate(
     """
     import torch
 
-    from inspection.train.data import common_size, resolve_samples
+    from inspection.train.data import loader_size, resolve_samples
     from inspection.train.run_dir import load_run
     from inspection.train.trainer import predict_scores
 
@@ -222,7 +222,7 @@ def run_evaluate(
     if not pool:
         raise DataError(f"no labelled samples in split {split!r} of {data or run_dir / 'samples.json'}")
     device = torch.device("cpu")
-    size_hw = common_size(pool)
+    size_hw = loader_size(pool, loaded.net.preprocess.config)
     with torch.no_grad():  # scoped: a library call must not switch autograd off for its caller
         scores = predict_scores(loaded.net, pool, size_hw, batch_size=64, device=device)
     return _report(split, scores, pool, loaded.card.thresholds, out_dir, plots)

@@ -27,7 +27,7 @@ from torch import nn
 from inspection.models import InspectionNet
 from inspection.models.backbone import PACKAGED
 from inspection.train.config import TrainConfig
-from inspection.train.data import ImageDataset
+from inspection.train.data import ImageDataset, loader_preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +222,11 @@ def make_engine(net: InspectionNet, fn, size_hw: tuple[int, int], device: torch.
     return engine
 
 
-def _batches(samples: Sequence[Any], size_hw: tuple[int, int], augment: Any | None) -> Iterator[np.ndarray]:
+def _batches(
+    samples: Sequence[Any], size_hw: tuple[int, int], augment: Any | None, config: TrainConfig
+) -> Iterator[np.ndarray]:
     """uint8 (B, H, W, 3) batches; the next batch is decoded on a thread while the model runs on this one."""
-    dataset = ImageDataset(samples, size_hw, augment)
+    dataset = ImageDataset(samples, size_hw, augment, loader_preprocess(config))  # letterbox: pad, never squash
 
     def load(start: int) -> np.ndarray:
         return np.stack([dataset[i][0].numpy() for i in range(start, min(start + BATCH, len(samples)))])
@@ -256,7 +258,7 @@ def extract(
         subset = [samples[i] for i in todo]
         pos = 0
         n_batches = (len(subset) + BATCH - 1) // BATCH
-        for batch in _progress(_batches(subset, size_hw, augment), n_batches, desc, config.progress):
+        for batch in _progress(_batches(subset, size_hw, augment, config), n_batches, desc, config.progress):
             for row in engine(batch):
                 feats[todo[pos]] = row.clone()
                 pos += 1

@@ -191,7 +191,10 @@ def predict_logits(
     net.eval()
     # its own generator: creating a loader iterator draws a seed, which must not shift the training RNG
     loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, size_hw), batch_size=batch_size, shuffle=False, generator=torch.Generator()
+        ImageDataset(samples, size_hw, preprocess=net.preprocess.config),
+        batch_size=batch_size,
+        shuffle=False,
+        generator=torch.Generator(),
     )
     out = []
     ctx = amp_context(device, config) if config is not None else nullcontext()
@@ -210,7 +213,10 @@ def pooled_features(
     """The head's input (N, D) for `samples` through the whole network (no augmentation)."""
     net.eval()
     loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, size_hw), batch_size=64, shuffle=False, generator=torch.Generator()
+        ImageDataset(samples, size_hw, preprocess=net.preprocess.config),
+        batch_size=64,
+        shuffle=False,
+        generator=torch.Generator(),
     )
     out = []
     for images, _ in loader:

@@ -29,8 +29,8 @@ from inspection.train.calibrate import calibrate_threshold, calibration_report
 from inspection.train.config import TrainConfig
 from inspection.train.data import (
     LABEL_TO_TARGET,
-    common_size,
     data_fingerprint,
+    loader_size,
     resolve_samples,
     split_samples,
     targets_of,
@@ -180,14 +180,14 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         if not pool:
             raise DataError(f"no labelled photos to train on in {data} (after {excluded})")
         splits = {"train": pool, "val": [], "test": []}
-        size_hw = common_size(pool)
+        size_hw = loader_size(pool, net.preprocess.config)
         fitted, config, net, auto = run_auto(config, pool, device, out, generator)
         save_config(config, out / "config.yaml")  # the resolved recipe: what export and later runs read
     elif config.validation == "crossfit":
         if not pool:
             raise DataError(f"no labelled photos to train on in {data} (after {excluded})")
         splits = {"train": pool, "val": [], "test": []}
-        size_hw = common_size(pool)
+        size_hw = loader_size(pool, net.preprocess.config)
         logger.info("data: %d photos (%d defect) of %d parts", len(pool), int(targets_of(pool).sum()), _n_parts(pool))
         fitted = fit_crossfit(net, config, pool, size_hw, device, out, generator)
     else:
@@ -195,7 +195,7 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         logger.info(
             "data: %s", ", ".join(f"{k} {len(v)} ({int(targets_of(v).sum())} defect)" for k, v in splits.items())
         )
-        size_hw = common_size([s for items in splits.values() for s in items])
+        size_hw = loader_size([s for items in splits.values() for s in items], net.preprocess.config)
         fitted = fit_split(net, config, splits, size_hw, device, out, generator)
     fit_seconds = time.perf_counter() - t_start
 

@@ -133,6 +133,30 @@ def test_failed_gate_leaves_production_untouched(
     assert [h["action"] for h in reg.history() if h["action"] == "promote"] == ["promote"]
 
 
+def test_flows_take_the_product(harness, plant, known_export: Path, synth_store: Path) -> None:
+    """Each flow passes its `product` to the registry: a new product gets its own golden set (kept out of its
+    training), its versions are registered, gated and promoted for it alone, and the default product is untouched."""
+    from flows.deploy_flow import deploy_flow
+    from flows.export_register_flow import register_export
+    from flows.retrain_flow import ensure_registry
+    from flows.train_flow import golden_exclusion
+    from inspection.registry import Registry
+
+    root = plant["registry"]
+    ensure_registry.fn(str(root), str(synth_store), None, "tile")
+    golden = root / "products" / "tile" / "golden.json"
+    assert golden.is_file() and not (root / "golden.json").exists()
+    assert golden_exclusion(str(root), "tile") == [f"exclude={golden.resolve()}"]
+    assert golden_exclusion(str(root)) == []  # the default product has no golden set here
+    version = register_export.fn(str(root), str(known_export), "tile")
+    report = deploy_flow(registry=str(root), product="tile", reason="first tile model")  # the product's newest
+    assert report["promoted"] and not report["forced"] and report["product"] == "tile", report
+    assert Registry(root, product="tile").alias("production") == version
+    assert Registry(root).alias("production") is None and Registry(root).versions() == []
+    with pytest.raises(ValueError, match="no versions of product 'default'"):
+        deploy_flow(registry=str(root))
+
+
 def _register_blind_candidate(reg, production: str, tmp_path: Path) -> str:
     """Re-export production with a reject/review threshold of 1.0: the same scores, but every part passes."""
     import onnx

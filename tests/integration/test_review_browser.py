@@ -231,7 +231,7 @@ def test_review_with_the_keyboard_in_chromium(live_app, shots: Path) -> None:
         finally:
             browser.close()
 
-    labels = {sha: label for sha, _, label, _, _ in reviewed_labels(store)}
+    labels = {r.sha256: r.label for r in reviewed_labels(store)}
     rows = {rid: store.get_row(rid)["image_sha256"] for rid in ids[:3]}
     assert labels == {rows[ids[0]]: "defect", rows[ids[1]]: "ok"}  # the undone third decision is not a label
 

@@ -321,3 +321,16 @@ def test_export_survives_a_threshold_calibrated_on_a_validation_score(tiny_net, 
     assert OnnxModel(result.model_path).thresholds == new
     meta = {p.key: p.value for p in onnx.load(str(result.model_path)).metadata_props}
     assert ModelCard.model_validate_json(meta["model_card"]).thresholds == new
+
+
+def test_export_writes_the_smoke_reference_the_runner_checks(tiny_export: Path):
+    import json
+
+    from inspection.onnx_infer import OnnxModel
+    from inspection.runner.inferencer import REFERENCE_FILE, smoke_reference
+
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    refs = json.loads((tiny_export / REFERENCE_FILE).read_text())
+    assert list(refs) == [MODEL_FILE]  # FP32 only: other precisions differ across devices
+    again = smoke_reference(OnnxModel(tiny_export / MODEL_FILE), card["preprocess"]["input_size"])
+    assert np.allclose(refs[MODEL_FILE]["scores"], again["scores"], atol=1e-6)

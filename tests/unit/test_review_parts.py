@@ -111,7 +111,7 @@ def test_a_decision_applies_to_every_photo_of_the_part(line: DecisionStore) -> N
     assert [(p.request_id, p.decision, p.reviewer) for p in decided] == [("a1", "confirm_defect", "ann")]
     labels = {sha for sha, *_ in q.reviewed_labels(line)}
     assert len(labels) == 1  # the three photos are one image here (same bytes): one label, 'defect'
-    assert [label for _, _, label, _, _ in q.reviewed_labels(line)] == ["defect"]
+    assert [r.label for r in q.reviewed_labels(line)] == ["defect"]
     trail = P.history(line, P.part_of(line, "a1"))
     assert [(e["action"], e["n_photos"], e["is_current"]) for e in trail] == [("confirm_defect", 3, True)]
 

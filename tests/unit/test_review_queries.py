@@ -185,12 +185,12 @@ def test_reviewed_labels_use_the_effective_decision(seeded, store: DecisionStore
     q.undo_decision(store, "ann", request_id=ids[3])  # withdrawn: no label
     labels = q.reviewed_labels(store)
     sha = {rid: store.get_row(rid)["image_sha256"] for rid in ids}
-    assert [(s, label, who) for s, _, label, who, _ in labels] == [
+    assert [(s, label, who) for s, _, label, who, _, _ in labels] == [
         (sha[ids[0]], "defect", "ann"),
         (sha[ids[1]], "ok", "bob"),
         (sha[ids[2]], "ok", "cat"),
     ]
-    for s, path, _, _, decided_at in labels:
+    for s, path, _, _, decided_at, _ in labels:
         assert Path(path).is_absolute() and Path(path).is_file() and s in path
         assert decided_at.tzinfo is not None
     # the same call works on the store's path (as the flows will call it)
@@ -291,7 +291,7 @@ def test_reviewed_labels_feed_ingest_apply_review_labels(tmp_path: Path, store: 
     q.record_decision(store, "line-0", "confirm_defect", "ann", defect_type="crack")
     q.record_decision(store, "line-1", "override_ok", "ann")
     labels = q.reviewed_labels(store)
-    apply_review_labels(ingest_store, [(sha, label, who, at) for sha, _, label, who, at in labels])
+    apply_review_labels(ingest_store, [label.for_manifest() for label in labels])
     by_sha = {s.sha256: s.label for s in load_samples(ingest_store)}
     sha0, sha1 = store.get_row("line-0")["image_sha256"], store.get_row("line-1")["image_sha256"]
     assert by_sha[sha0] == "defect"  # the reviewer's label beats the folder's 'ok'
@@ -301,7 +301,7 @@ def test_reviewed_labels_feed_ingest_apply_review_labels(tmp_path: Path, store: 
     # a changed mind, applied, then undone: the earlier label comes back downstream too
     def apply() -> dict[str, str | None]:
         labels = q.reviewed_labels(store)
-        apply_review_labels(ingest_store, [(sha, label, who, at) for sha, _, label, who, at in labels])
+        apply_review_labels(ingest_store, [label.for_manifest() for label in labels])
         return {s.sha256: s.label for s in load_samples(ingest_store)}
 
     q.record_decision(store, "line-0", "override_ok", "bob")

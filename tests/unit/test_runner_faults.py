@@ -318,13 +318,11 @@ def test_no_verdict_is_given_while_the_store_is_short_of_space(tmp_path, monkeyp
     until the filesystem has room again; then verdicts come back by themselves."""
     import shutil
 
-    from inspection.runner import service
-
     cfg, rt = _runtime(tmp_path)
     free = {"bytes": 0}
     real_usage = shutil.disk_usage
     monkeypatch.setattr(
-        service.shutil,
+        shutil,
         "disk_usage",
         lambda p: real_usage(p)._replace(free=free["bytes"]),  # type: ignore[attr-defined]
     )

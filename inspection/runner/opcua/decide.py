@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 from inspection.errors import ImageValidationError
 from inspection.images import decode_image
 from inspection.runner.batcher import NoModelError, OverloadedError
-from inspection.runner.service import Decided, Pending
+from inspection.runner.products import ProductError
+from inspection.runner.runtime import Decided, Pending
 from inspection.schemas import InspectionResult, Verdict
 
 if TYPE_CHECKING:
-    from inspection.runner.service import Runtime
+    from inspection.runner.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -74,28 +75,34 @@ async def inspect_bytes(
     t0: float | None = None,
     held: HeldPart | None = None,
 ) -> InspectionResult:
-    """Decide one part (see the module docstring). `held`: the part is already known to be held (the caller
-    could not get its bytes); it is stored as such. Never raises for a part."""
+    """Decide one part (see the module docstring) with the model of the station's product. `held`: the part is
+    already known to be held (the caller could not get its bytes); it is stored as such. Never raises for a part."""
     t0 = time.perf_counter() if t0 is None else t0
     request_id = uuid.uuid4().hex
     pid = part_id or "unknown"
     timeout = rt.config.batching.timeout_s
-    with rt.batcher.incoming():
+    product = rt.config.product_for_station(station)
+    with rt.incoming.track():
         try:
             if held is not None:
                 raise held
             if part_id is None:
                 raise HeldPart("missing_part_id", "part_id is required")
+            try:
+                slot = rt.slot_for_station(station)  # a station is fixed to one product (checked at start)
+            except ProductError as exc:
+                raise HeldPart(exc.reason, exc.message) from None
             image = decode_image(data, rt.config.image_limits)
-            pending = Pending(request_id, pid, station, t0, data, hashlib.sha256(data).hexdigest(), SOURCE)
-            future = rt.batcher.submit(image, pending)
+            sha = hashlib.sha256(data).hexdigest()
+            pending = Pending(request_id, pid, station, t0, data, sha, SOURCE, product=slot.product)
+            future = slot.batcher.submit(image, pending)
         except HeldPart as exc:
-            return await hold(rt, exc.reason, exc.message, request_id, pid, station, t0, data)
+            return await hold(rt, exc.reason, exc.message, request_id, pid, station, t0, data, product)
         except ImageValidationError as exc:
-            return await hold(rt, exc.reason, exc.detail, request_id, pid, station, t0, data)
+            return await hold(rt, exc.reason, exc.detail, request_id, pid, station, t0, data, product)
         except (NoModelError, OverloadedError) as exc:
             reason = "no_model" if isinstance(exc, NoModelError) else "overloaded"
-            return await hold(rt, reason, str(exc), request_id, pid, station, t0, data)
+            return await hold(rt, reason, str(exc), request_id, pid, station, t0, data, product)
     waiting = asyncio.wrap_future(future)
     try:
         try:
@@ -104,12 +111,13 @@ async def inspect_bytes(
             if pending.claim():  # as in HTTP: the worker has not taken it, so it is held and the worker skips it
                 future.cancel()
                 msg = f"no model verdict within {timeout} s"
-                return await hold(rt, "timeout", msg, request_id, pid, station, t0, data)
+                return await hold(rt, "timeout", msg, request_id, pid, station, t0, data, product)
             decided = await waiting  # the worker owns it and is storing its verdict right now
     except NoModelError as exc:
-        return await hold(rt, "no_model", str(exc), request_id, pid, station, t0, data)
+        return await hold(rt, "no_model", str(exc), request_id, pid, station, t0, data, product)
     except Exception as exc:  # the model failed on this batch: hold the part
-        return await hold(rt, "model_error", f"{type(exc).__name__}: {exc}"[:500], request_id, pid, station, t0, data)
+        msg = f"{type(exc).__name__}: {exc}"[:500]
+        return await hold(rt, "model_error", msg, request_id, pid, station, t0, data, product)
     if decided is None:  # cannot happen: only a part claimed by a timeout is skipped, and that one returned
         raise RuntimeError(f"request {request_id}: the worker skipped a part nobody held")
     if not decided.stored:
@@ -119,11 +127,19 @@ async def inspect_bytes(
 
 
 async def hold(
-    rt: Runtime, reason: str, message: str, request_id: str, part_id: str, station: str, t0: float, data: bytes
+    rt: Runtime,
+    reason: str,
+    message: str,
+    request_id: str,
+    part_id: str,
+    station: str,
+    t0: float,
+    data: bytes,
+    product: str | None = None,
 ) -> InspectionResult:
     """Store a `review` decision without a model verdict (the HTTP handler's `held`, without the HTTP)."""
     sha = hashlib.sha256(data).hexdigest() if data else None
-    result = rt.decide(request_id, part_id, station, t0, None, f"{reason}: {message}", sha)
+    result = rt.decide(request_id, part_id, station, t0, None, f"{reason}: {message}", sha, product)
     rt.metrics.errors.labels(reason).inc()
     keep = data if data and len(data) <= rt.config.image_limits.max_bytes else None  # QA sees what came
     try:

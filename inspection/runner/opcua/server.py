@@ -2,9 +2,11 @@
 
 One object per station (`opcua.stations`, default the runner's own), in the namespace `opcua.namespace`, with
 string node ids `ns=<idx>;s=<station>/...` (the README's "Connecting a PLC" lists them all):
-- state: `State` (Ready | Busy | Error), `StateCode` (1 | 2 | 3), `ModelVersion`, `Provider`, `DriftAlarm`;
+- state: `State` (Ready | Busy | Error), `StateCode` (1 | 2 | 3), `ModelVersion`, `Provider`, `DriftAlarm`,
+  `Product` (each station is fixed to one product: `station_products`, else the runner's `product`);
 - trigger: `Inspect(PartId, ImagePath)` and `InspectImage(PartId, Image)`; both return the result and write it;
-- result: `Result/PartId`, `Result/Verdict`, `Result/VerdictCode`, `Result/DefectScore`, `Result/DefectType`,
+- result: `Result/PartId`, `Result/Verdict`, `Result/VerdictCode`, `Result/DefectScore`, `Result/DefectType`
+  (and `Result/DefectTypeProbability`: a flagged part judged by a model that learned defect types),
   `Result/ReasonCode`, ... and `Result/ResultCounter`, written last, once per result, plus a `ResultReady`
   event carrying the same fields at once.
 Every call goes through the HTTP endpoint's decision path (decide.py): fail-closed, stored before it answers.
@@ -44,7 +46,7 @@ from inspection.runner.service import _ID_RE
 from inspection.schemas import InspectionResult
 
 if TYPE_CHECKING:
-    from inspection.runner.service import Runtime
+    from inspection.runner.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ RESULT_FIELDS: tuple[tuple[str, ua.VariantType, Any, str], ...] = (
     ("VerdictCode", V.Int32, 0, "0 none yet, 1 pass, 2 review, 3 reject"),
     ("DefectScore", V.Double, NO_SCORE, "model defect probability 0..1; -1 when held without a model verdict"),
     ("DefectType", V.String, "", "defect class where the model has types; '' for an ok/defect model"),
+    ("DefectTypeProbability", V.Double, NO_SCORE, "the model's probability of DefectType; -1 when there is none"),
     ("ReasonCode", V.String, "", "why a part is held without a model verdict ('' for a model verdict)"),
     ("Reason", V.String, "", "the reason in words"),
     ("ModelVersion", V.String, "", "model version that judged it"),
@@ -89,6 +92,7 @@ STATE_FIELDS: tuple[tuple[str, ua.VariantType, Any], ...] = (
     ("ModelVersion", V.String, ""),  # the version serving now
     ("Provider", V.String, ""),  # onnxruntime execution provider it runs on
     ("DriftAlarm", V.Boolean, False),  # the drift monitor's alarm for the serving model
+    ("Product", V.String, ""),  # the product (part type) this station inspects; its model is the one serving
 )
 _STATE_TYPES = {name: vt for name, vt, _ in STATE_FIELDS}
 EVENT_FIELDS = ("PartId", "RequestId", "Verdict", "VerdictCode", "DefectScore", "DefectType", "ReasonCode")
@@ -97,8 +101,8 @@ _TYPES = {name: vt for name, vt, _, _ in RESULT_FIELDS}
 
 
 def defect_type_of(result: InspectionResult) -> str:
-    """The defect class of a typed model's verdict; today's models are ok/defect only, so ''."""
-    return str(getattr(result, "defect_type", None) or "")
+    """The most likely defect type of a flagged part judged by a typed model; '' otherwise."""
+    return result.defect_type or ""
 
 
 def result_values(result: InspectionResult, counter: int) -> dict[str, Any]:
@@ -111,6 +115,9 @@ def result_values(result: InspectionResult, counter: int) -> dict[str, Any]:
         "VerdictCode": VERDICT_CODES[verdict],
         "DefectScore": float(result.defect_score) if result.defect_score is not None else NO_SCORE,
         "DefectType": defect_type_of(result),
+        "DefectTypeProbability": (
+            float(result.defect_type_probability) if result.defect_type_probability is not None else NO_SCORE
+        ),
         "ReasonCode": reason_code(result),
         "Reason": result.reason or "",
         "ModelVersion": result.model_version or "",
@@ -337,15 +344,17 @@ class OpcUaServer:
     # -- state ---------------------------------------------------------------------------------------------
 
     def _state_values(self, st: _Station) -> dict[str, Any]:
-        current = self.rt.holder.current
+        slot = self.rt.slot_for_station(st.name)  # its product's model and drift monitor (checked at start)
+        current = slot.holder.current
         state = "Error" if current is None else ("Busy" if st.inflight else "Ready")
-        drift = self.rt.drift
+        drift = slot.drift
         return {
             "State": state,
             "StateCode": STATE_CODES[state],
             "ModelVersion": current.version if current else "",
             "Provider": current.provider if current else "",
             "DriftAlarm": bool(drift is not None and getattr(drift, "alarm", False)),
+            "Product": slot.product,
         }
 
     async def _refresh_state(self, st: _Station) -> None:
