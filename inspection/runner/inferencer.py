@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from inspection.errors import InspectionError
+from inspection.preprocess import PreprocessConfig, content_box
 from inspection.schemas import DEFECT_TYPE_PATTERN, ModelCard, Thresholds
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class Inferencer:
         self.thresholds = card.thresholds
         self.provider = str(getattr(model, "provider", "unknown"))
         self.input_size = int(card.preprocess.get("input_size", 224))
+        known = {"input_size", "mean", "std"} <= set(card.preprocess)  # stand-in cards of tests may carry less
+        self.preprocess = PreprocessConfig.from_dict(card.preprocess) if known else PreprocessConfig(self.input_size)
         self.loaded_at = time.time()
         # the types the model really answers (a typed graph with a card naming them; OnnxModel.type_names)
         self.type_names: tuple[str, ...] = tuple(getattr(model, "type_names", ()) or ())
@@ -132,8 +135,20 @@ class Inferencer:
             for j, i in enumerate(indices):
                 score = float(min(max(probs[j], 0.0), 1.0))
                 row = None if types is None else types[j]
-                out[i] = Prediction(score, heatmaps[j], self.version, self.thresholds, row, self.type_names)
+                heat = self._on_the_photo(heatmaps[j], images[i].shape)
+                out[i] = Prediction(score, heat, self.version, self.thresholds, row, self.type_names)
         return out  # type: ignore[return-value]
+
+    def _on_the_photo(self, heatmap: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A letterboxed model's map covers the padded square: keep the cells over the photo, so the stored map
+        lies over the photo as the review app draws it (a squash model's map already does)."""
+        if self.preprocess.resize != "letterbox":
+            return heatmap
+        top, left, bottom, right = content_box(self.preprocess, shape[0], shape[1])
+        h, w = heatmap.shape[-2:]
+        r0, r1 = int(np.floor(top * h)), max(int(np.ceil(bottom * h)), int(np.floor(top * h)) + 1)
+        c0, c1 = int(np.floor(left * w)), max(int(np.ceil(right * w)), int(np.floor(left * w)) + 1)
+        return np.ascontiguousarray(heatmap[..., r0:r1, c0:c1])
 
     def _checked_types(self, types: np.ndarray | None, n: int) -> np.ndarray:
         """The (N, T) type probabilities, or ModelRejectedError when they break the contract."""

@@ -2,8 +2,9 @@
 hand, within a wall-time budget, and say why (RUN_DIR/auto.json).
 
 Candidates, cheapest first: a linear head on the frozen backbone (one frozen pass, seconds per fold) at the
-backbone's native size and at the camera's resolution, then the last stage(s) fine-tuned on cached trunk
-activations (`partial`) at the camera's resolution. Every candidate is cross-fitted on the same folds (whole
+backbone's native size and at the camera's resolution (for non-square photos also with the other of squash /
+letterbox), then the last stage(s) fine-tuned on cached trunk activations (`partial`) at the camera's resolution
+with the better head's preprocessing. Every candidate is cross-fitted on the same folds (whole
 parts, label-stratified); each is estimated before it runs and skipped when it would not fit in what is left of
 the budget (the final fit of the winner included). The winner has the lowest out-of-fold false-reject rate at the
 target escape rate, then the highest ROC-AUC, then the smaller input (a cheaper model on the line); its folds are
@@ -43,6 +44,8 @@ class Candidate:
     name: str
     mode: str
     input_size: int
+    resize: str = "squash"
+    trainable_blocks: int | None = None  # partial: None = the config's
     estimated_s: float | None = None
     seconds: float | None = None
     oof_auc: float | None = None
@@ -74,6 +77,13 @@ def camera_size(samples: Sequence[Any], native: int, limit: int = 448) -> int:
     sides = [max(image_size(s.path)) for s in list(samples)[::step]]
     size = int(4 * round(float(np.median(sides)) / 4))
     return int(min(max(size, native), limit))
+
+
+def aspect(samples: Sequence[Any]) -> float:
+    """Median width / height of the photos (1.0: square frames, as the impeller camera's)."""
+    step = max(1, len(samples) // 500)
+    ratios = [w / h for h, w in (image_size(s.path) for s in list(samples)[::step])]
+    return float(np.median(ratios))
 
 
 def frr_at_escape(logits: np.ndarray, targets: np.ndarray, escape: float) -> float:
@@ -131,16 +141,26 @@ def run_auto(
     from inspection.train.data import loader_preprocess, loader_size
 
     sizes = sorted({native, cam})
-    plan = [Candidate(f"head-{s}", "head", s) for s in sizes if "head" in config.auto_modes]
-    plan += [Candidate(f"partial-{cam}", "partial", cam)] if "partial" in config.auto_modes else []
+    resize = config.resize
+    plan = [Candidate(f"head-{s}", "head", s, resize) for s in sizes if "head" in config.auto_modes]
+    square = abs(np.log(aspect(pool))) < 0.05
+    if not square and "head" in config.auto_modes:  # non-square photos: keep the aspect, or squash to the square?
+        other = "letterbox" if resize == "squash" else "squash"
+        plan.append(Candidate(f"head-{cam}-{other}", "head", cam, other))
+    if "partial" in config.auto_modes:
+        plan.append(Candidate(f"partial-{cam}", "partial", cam, resize))
+        if config.trainable_blocks < 2:  # small defects often need the last two stages (demo castings: 0.968 -> 0.995)
+            plan.append(Candidate(f"partial-{cam}-2stages", "partial", cam, resize, trainable_blocks=2))
     report = AutoReport(config.auto_budget_s, config.target_escape_rate, cam, plan)
     best: tuple[tuple[float, float, int], Candidate, CrossFitter, TrainConfig] | None = None
     px_rate: float | None = None  # frozen-pass seconds per image per input pixel, from the candidates run so far
     n = len(pool)
     for cand in plan:
-        cfg = replace(config, mode=cand.mode, input_size=cand.input_size)
+        if cand.mode == "partial" and best is not None:
+            cand.resize = best[3].resize  # fine-tune with the preprocessing the heads found better
+        cfg = replace(config, mode=cand.mode, input_size=cand.input_size, resize=cand.resize)
         if cand.mode == "partial":
-            cfg = replace(cfg, partial_cache=True)
+            cfg = replace(cfg, partial_cache=True, trainable_blocks=cand.trainable_blocks or cfg.trainable_blocks)
         net = build_net_for(cfg).to(device)
         apply_freeze(net, cfg)
         size_hw = loader_size(pool, loader_preprocess(cfg))  # letterbox: each candidate's own square input

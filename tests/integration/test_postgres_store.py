@@ -260,14 +260,14 @@ def test_reviewed_and_withdrawn_labels(seeded) -> None:
     q.undo_decision(store, "ann", request_id=ids[3])
     labels = q.reviewed_labels(store)
     sha = {rid: store.get_row(rid)["image_sha256"] for rid in ids}
-    assert [(s, label, who) for s, _, label, who, _ in labels] == [
+    assert [(r.sha256, r.label, r.reviewer) for r in labels] == [
         (sha[ids[0]], "defect", "ann"),
         (sha[ids[1]], "ok", "bob"),
         (sha[ids[2]], "ok", "cat"),
     ]
-    assert [at for *_, at in labels] == [t0, t0 + timedelta(minutes=1), t0 + timedelta(minutes=3)]
-    for s, path, *_ in labels:
-        assert Path(path).is_file() and s in path
+    assert [r.decided_at for r in labels] == [t0, t0 + timedelta(minutes=1), t0 + timedelta(minutes=3)]
+    for r in labels:
+        assert Path(r.image_path).is_file() and r.sha256 in r.image_path
     assert [s for s, _ in q.withdrawn_labels(store)] == [sha[ids[3]]]
     # with a URL instead of an open store, as the flows call it
     assert q.reviewed_labels(store.url, store.media_dir) == labels

@@ -142,3 +142,23 @@ def test_a_typed_model_answers_stores_and_publishes_the_defect_type(
     assert plain.verdict == "reject" and plain.model_version == "plain-1" and plain.product == "impeller"
     assert plain.defect_type is None and plain.defect_type_probability is None  # an untyped model: None
     assert published[plain.request_id].defect_type is None
+
+
+def test_cli_inspect_answers_the_product_and_the_type(typed_export: Path, known_parts: list[Part], tmp_path, capsys):
+    from inspection.cli import main
+
+    root = tmp_path / "registry"
+    reg = Registry(root, product="tile")
+    reg.register(typed_export)
+    reg.promote("typed-1", reason="typed model", force=True)
+    defect = next(p for p in known_parts if p.label == "defect")  # the first defect part: assigned_type(0)
+    good = next(p for p in known_parts if p.label == "ok")
+    args = ["runner", "inspect", str(defect.path), str(good.path), "--registry", str(root), "--product", "tile"]
+    assert main(args) == 0
+    lines = [InspectionResult.model_validate_json(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [(r.product, r.verdict, r.defect_type) for r in lines] == [
+        ("tile", "reject", assigned_type(0)),
+        ("tile", "pass", None),
+    ]
+    assert main(["runner", "inspect", str(good.path), "--registry", str(root)]) == 1  # no default product here
+    assert "no 'production' alias for product 'default'" in capsys.readouterr().err

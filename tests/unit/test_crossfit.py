@@ -255,9 +255,10 @@ def test_auto_mode_picks_by_cross_validation_within_its_budget_and_says_why(
     result = run_train(replace(config, auto_budget_s=3600), grouped_store, tmp_path / "all")
     report = json.loads((tmp_path / "all" / "auto.json").read_text())
     names = [c["name"] for c in report["candidates"]]
-    assert names == ["head-224", "head-300", "partial-300"]  # native size, the camera's size, then fine-tuning
+    # native size, the camera's size, then fine-tuning the last stage, then the last two
+    assert names == ["head-224", "head-300", "partial-300", "partial-300-2stages"]
     evaluated = [c for c in report["candidates"] if c["status"] in ("evaluated", "chosen")]
-    assert len(evaluated) == 3
+    assert len(evaluated) == 4
     (chosen,) = [c for c in report["candidates"] if c["status"] == "chosen"]
     best = min(evaluated, key=lambda c: (c["frr_at_target"], -c["oof_auc"], c["input_size"]))
     assert chosen["name"] == best["name"] == report["chosen"]
@@ -270,6 +271,11 @@ def test_auto_mode_picks_by_cross_validation_within_its_budget_and_says_why(
     tight = run_train(replace(config, auto_budget_s=0.5), grouped_store, tmp_path / "tight")
     report = json.loads((tmp_path / "tight" / "auto.json").read_text())
     statuses = {c["name"]: c["status"] for c in report["candidates"]}
-    assert statuses == {"head-224": "chosen", "head-300": "skipped", "partial-300": "skipped"}
+    assert statuses == {
+        "head-224": "chosen",
+        "head-300": "skipped",
+        "partial-300": "skipped",
+        "partial-300-2stages": "skipped",
+    }
     assert all("budget" in c["reason"] for c in report["candidates"] if c["status"] == "skipped")
     assert tight.card.mode == "head"

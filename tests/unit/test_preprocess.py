@@ -211,3 +211,28 @@ def test_model_card_carries_the_resize(letterbox_export) -> None:
     assert PreprocessConfig.from_dict(loaded.card.preprocess).resize == "letterbox"  # embedded card too
     meta = {p.key: p.value for p in onnx.load(str(result.model_path)).metadata_props}
     assert meta["resize"] == "letterbox"
+
+
+def test_the_runner_stores_a_letterboxed_models_heatmap_cropped_to_the_photo():
+    from types import SimpleNamespace
+
+    from inspection.preprocess import PreprocessConfig
+    from inspection.runner.inferencer import Inferencer
+    from inspection.schemas import Thresholds
+
+    card = SimpleNamespace(
+        preprocess=PreprocessConfig(input_size=300, resize="letterbox").to_dict(),
+        thresholds=Thresholds(reject=0.5, review=0.3),
+        defect_types=[],
+    )
+    inf = Inferencer.__new__(Inferencer)
+    inf.preprocess = PreprocessConfig.from_dict(card.preprocess)
+    heat = np.arange(19 * 19, dtype=np.float32).reshape(19, 19)
+    wide = inf._on_the_photo(heat, (100, 400, 3))  # a 4:1 photo fills a quarter of the square's height
+    # the photo spans rows 0.375..0.625 of the padded square: cells 7..11 of the 19
+    assert np.array_equal(wide, heat[7:12])
+    tall = inf._on_the_photo(heat, (400, 100, 3))
+    assert np.array_equal(tall, heat[:, 7:12])
+    assert inf._on_the_photo(heat, (300, 300, 3)).shape == (19, 19)
+    inf.preprocess = PreprocessConfig(input_size=300)  # squash: the map already lies over the photo
+    assert inf._on_the_photo(heat, (100, 400, 3)) is heat
