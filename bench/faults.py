@@ -49,8 +49,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.runner import DEFAULT_IMAGES, load_images  # noqa: E402
+
 logger = logging.getLogger("bench.faults")
-DEFAULT_IMAGES = Path(os.environ.get("INSPECTION_REAL_DATA", REPO.parent / "shared/data/casting/train"))
 TOKEN = "faults-bench-token"
 STATION = "faults"
 CASES = ("kill9", "sigterm", "disk_full", "registry_vanish", "corrupt_model", "store_lock", "soak")
@@ -64,49 +65,29 @@ def prepare_model(out_dir: Path, images: Path) -> Path:
     export_dir = out_dir / "export-lite0-300"
     if (export_dir / "model.onnx").is_file():
         return export_dir
-    from datetime import UTC, datetime
-
     import numpy as np
     import torch
 
-    from inspection.export import ExportConfig, export_net
+    from bench.runner import camera_photos, export_fresh_head
     from inspection.images import read_image
     from inspection.models import build_net
-    from inspection.schemas import ModelCard, Thresholds
 
     torch.manual_seed(0)
     net = build_net(pretrained=True, input_size=300).eval()
-    files = sorted(images.glob("ok_front/*.jp*g"))[::50][:40] + sorted(images.glob("def_front/*.jp*g"))[::50][:40]
+    photos = camera_photos(images, 40, step=50)
     with torch.inference_mode():
-        scores = [float(net(torch.from_numpy(read_image(p))[None])[0][0]) for p in files]
+        scores = [float(net(torch.from_numpy(read_image(p.path))[None])[0][0]) for p in photos]
     review, reject = (float(q) for q in np.quantile(scores, [1 / 3, 2 / 3]))
     logger.info(
         "fresh-head scores on %d photos: %.4f..%.4f; review %.4f, reject %.4f",
-        len(files),
+        len(photos),
         min(scores),
         max(scores),
         review,
         reject,
     )
-    card = ModelCard(
-        version="faults-a",
-        created_at=datetime.now(UTC),
-        backbone="tf_efficientnet_lite0",
-        mode="head",
-        class_names=["ok", "defect"],
-        preprocess=net.preprocess.config.to_dict(),
-        thresholds=Thresholds(reject=reject, review=review),
-        target_escape_rate=0.01,
-        data_fingerprint="0" * 64,
-        n_train=0,
-        notes="fault benchmark: pretrained tf_efficientnet_lite0 at 300 px, fresh head, thresholds at score thirds",
-    )
-
-    class _S:
-        def __init__(self, path: Path):
-            self.path, self.label = path, "defect" if "def_" in path.parent.name else "ok"
-
-    export_net(ExportConfig(measure_latency=False), net, card, export_dir, val=[_S(p) for p in files[::4]])
+    notes = "fault benchmark: pretrained tf_efficientnet_lite0 at 300 px, fresh head, thresholds at score thirds"
+    export_fresh_head(net, export_dir, photos[::4], version="faults-a", thresholds=(reject, review), notes=notes)
     return export_dir
 
 
@@ -854,14 +835,6 @@ class Bench:
             "p99_ms_min_max_over_intervals": [min(p99s), max(p99s)] if p99s else None,
             "overall_latency": _latency(answers),
         }
-
-
-def load_images(folder: Path, n: int) -> list[bytes]:
-    files = sorted(folder.glob("*/*.jp*g"))
-    if not files:
-        raise SystemExit(f"no JPEGs under {folder}: pass --images or set INSPECTION_REAL_DATA")
-    step = max(1, len(files) // n)
-    return [p.read_bytes() for p in files[::step][:n]]
 
 
 def main() -> int:

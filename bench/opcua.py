@@ -132,35 +132,14 @@ def prepare_model(out: Path) -> tuple[Path, str]:
     desc = "pretrained tf_efficientnet_lite0 with a fresh head (latency does not depend on the head's weights)"
     if (export_dir / "model.onnx").is_file():
         return export_dir, desc
-    from datetime import UTC, datetime
-
     import torch
 
-    from bench.runner import _S
-    from inspection.export import ExportConfig, export_net
+    from bench.runner import camera_photos, export_fresh_head
     from inspection.models import build_net
-    from inspection.schemas import ModelCard, Thresholds
 
     torch.manual_seed(0)
     net = build_net(pretrained=True).eval()
-    card = ModelCard(
-        version="bench-fresh-head",
-        created_at=datetime.now(UTC),
-        backbone="tf_efficientnet_lite0",
-        mode="head",
-        class_names=["ok", "defect"],
-        preprocess=net.preprocess.config.to_dict(),
-        thresholds=Thresholds(reject=0.5, review=0.3),
-        target_escape_rate=0.01,
-        data_fingerprint="0" * 64,
-        n_train=0,
-    )
-    files = (
-        sorted((DEFAULT_IMAGES / "ok_front").glob("*.jpeg"))[:16]
-        + sorted((DEFAULT_IMAGES / "def_front").glob("*.jpeg"))[:16]
-    )
-    samples = [_S(p, "defect" if "def_" in p.parent.name else "ok") for p in files]
-    export_net(ExportConfig(measure_latency=False), net, card, export_dir, val=samples)
+    export_fresh_head(net, export_dir, camera_photos(DEFAULT_IMAGES, 16))
     return export_dir, desc
 
 

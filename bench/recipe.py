@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from inspection.config import load_config  # noqa: E402
 from inspection.train import TrainConfig, run_train  # noqa: E402
+from inspection.train.evaluate import PART_RATES  # noqa: E402
 
 logger = logging.getLogger("bench.recipe")
 
@@ -130,17 +131,7 @@ def summarise(run_dir: Path, seconds: float) -> dict[str, Any]:
         "n_good_parts": len(ok_groups),
         "calibrated": {
             "thresholds": card["thresholds"],
-            **{
-                k: parts[k]
-                for k in (
-                    "accuracy",
-                    "defect_recall",
-                    "false_reject_rate",
-                    "review_share",
-                    "ok_review_share",
-                    "line_escape_rate",
-                )
-            },
+            **{k: parts[k] for k in PART_RATES},
         },
         "platt": card["calibration"].get("platt"),
         "ece": card["calibration"].get("ece"),

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -267,7 +268,7 @@ def _candidate_runs(explicit: Path | None) -> list[Path]:
 
 def prepare_model(runs: list[Path], out: Path, notes: list[str]) -> tuple[Path, str, Path]:
     """-> (export dir, description, torch source: run dir or state-dict file)."""
-    from inspection.export import ExportCheckError, ExportConfig, export_net, export_onnx
+    from inspection.export import ExportCheckError, ExportConfig, export_onnx
 
     cfg = ExportConfig(int8=True, measure_latency=False, max_parity_images=64, calibration_images=200)
     for run in runs:
@@ -285,32 +286,13 @@ def prepare_model(runs: list[Path], out: Path, notes: list[str]) -> tuple[Path, 
     import torch
 
     from inspection.models import build_net
-    from inspection.schemas import ModelCard, Thresholds
 
     state = out / "fresh_head.pt"
     torch.manual_seed(0)
     net = build_net(pretrained=True).eval()
     if not (export_dir / "model.onnx").is_file():
-        from datetime import UTC, datetime
-
-        card = ModelCard(
-            version="bench-fresh-head",
-            created_at=datetime.now(UTC),
-            backbone="tf_efficientnet_lite0",
-            mode="head",
-            class_names=["ok", "defect"],
-            preprocess=net.preprocess.config.to_dict(),
-            thresholds=Thresholds(reject=0.5, review=0.3),
-            target_escape_rate=0.01,
-            data_fingerprint="0" * 64,
-            n_train=0,
-        )
-        files = (
-            sorted((DEFAULT_IMAGES / "ok_front").glob("*.jpeg"))[:32]
-            + sorted((DEFAULT_IMAGES / "def_front").glob("*.jpeg"))[:32]
-        )
-        samples = [_S(p, "defect" if "def_" in p.parent.name else "ok") for p in files]
-        export_net(cfg, net, card, export_dir, val=samples, train=samples)
+        samples = camera_photos(DEFAULT_IMAGES, 32)
+        export_fresh_head(net, export_dir, samples, config=cfg, train=samples)
     torch.save(net.state_dict(), state)
     return export_dir, "pretrained tf_efficientnet_lite0 with a fresh head (no trained run found)", state
 
@@ -326,9 +308,50 @@ def _int8_for_latency(export_dir: Path, images: Path, out: Path) -> Path:
     return path
 
 
-class _S:
-    def __init__(self, path: Path, label: str):
-        self.path, self.label = path, label
+class LabelledPhoto:
+    """What `export_net` reads of a sample: a path and a label (from its def_front/ok_front folder)."""
+
+    def __init__(self, path: Path, label: str | None = None):
+        self.path = path
+        self.label = label or ("defect" if "def_" in path.parent.name else "ok")
+
+
+def camera_photos(images: Path, per_class: int, step: int = 1) -> list[LabelledPhoto]:
+    """The first `per_class` good and defective camera JPEGs (every `step`-th), as export samples."""
+    files = sorted(images.glob("ok_front/*.jp*g"))[::step][:per_class]
+    return [LabelledPhoto(p) for p in files + sorted(images.glob("def_front/*.jp*g"))[::step][:per_class]]
+
+
+def export_fresh_head(
+    net: Any,
+    export_dir: Path,
+    samples: list[LabelledPhoto],
+    version: str = "bench-fresh-head",
+    thresholds: tuple[float, float] = (0.5, 0.3),
+    notes: str | None = None,
+    config: Any = None,
+    train: list[LabelledPhoto] | None = None,
+) -> None:
+    """Export a pretrained Lite0 with an untrained head (what the benches time: cost does not depend on the head)."""
+    from datetime import UTC, datetime
+
+    from inspection.export import ExportConfig, export_net
+    from inspection.schemas import ModelCard, Thresholds
+
+    card = ModelCard(
+        version=version,
+        created_at=datetime.now(UTC),
+        backbone="tf_efficientnet_lite0",
+        mode="head",
+        class_names=["ok", "defect"],
+        preprocess=net.preprocess.config.to_dict(),
+        thresholds=Thresholds(reject=thresholds[0], review=thresholds[1]),
+        target_escape_rate=0.01,
+        data_fingerprint="0" * 64,
+        n_train=0,
+        **({"notes": notes} if notes else {}),
+    )
+    export_net(config or ExportConfig(measure_latency=False), net, card, export_dir, val=samples, train=train or ())
 
 
 def load_images(folder: Path, n: int) -> list[bytes]:

@@ -252,12 +252,8 @@ def render_part(rng: np.random.Generator, defect: bool, size: int = 300) -> tupl
     return np.repeat(grey[:, :, None], 3, axis=2), mask.astype(bool)
 
 
-def render_dataset(out: Path, n: int, seed: int, defect_fraction: float = 0.5, size: int = 300) -> dict[str, int]:
-    """Write `n` parts as PNG into `out/def_front` and `out/ok_front`; returns {"defect": k, "ok": n - k}.
-
-    Deterministic for a seed: image i is drawn from its own generator seeded by (seed, i), so adding images
-    never changes the earlier ones.
-    """
+def prepare_dataset_folders(out: Path, n: int, defect_fraction: float) -> tuple[Path, int]:
+    """Check a render request and create out/def_front and out/ok_front; returns (out, number of defective parts)."""
     if n < 0:
         raise ValueError(f"n must be ≥ 0, got {n}")
     if not 0.0 <= defect_fraction <= 1.0:
@@ -265,7 +261,16 @@ def render_dataset(out: Path, n: int, seed: int, defect_fraction: float = 0.5, s
     out = Path(out)
     (out / DEFECT_FOLDER).mkdir(parents=True, exist_ok=True)
     (out / OK_FOLDER).mkdir(parents=True, exist_ok=True)
-    n_defect = int(round(n * defect_fraction))
+    return out, int(round(n * defect_fraction))
+
+
+def render_dataset(out: Path, n: int, seed: int, defect_fraction: float = 0.5, size: int = 300) -> dict[str, int]:
+    """Write `n` parts as PNG into `out/def_front` and `out/ok_front`; returns {"defect": k, "ok": n - k}.
+
+    Deterministic for a seed: image i is drawn from its own generator seeded by (seed, i), so adding images
+    never changes the earlier ones.
+    """
+    out, n_defect = prepare_dataset_folders(out, n, defect_fraction)
     counts = {"defect": 0, "ok": 0}
     for i in range(n):
         rng = np.random.default_rng([seed, i])

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inspection.synth import DEFECT_FOLDER, OK_FOLDER
+from inspection.synth import DEFECT_FOLDER, OK_FOLDER, prepare_dataset_folders
 
 logger = logging.getLogger(__name__)
 
@@ -325,16 +325,9 @@ def render_tile_dataset(
     its photo j from (seed, i, j), so adding tiles or photos never changes the earlier ones. File names say which
     tile a photo shows (`tile_def_<seed>_<tile>_<shot>.png`), for checking the grouping.
     """
-    if n < 0:
-        raise ValueError(f"n must be ≥ 0, got {n}")
     if shots < 1:
         raise ValueError(f"shots must be ≥ 1, got {shots}")
-    if not 0.0 <= defect_fraction <= 1.0:
-        raise ValueError(f"defect_fraction must be in [0, 1], got {defect_fraction}")
-    out = Path(out)
-    (out / DEFECT_FOLDER).mkdir(parents=True, exist_ok=True)
-    (out / OK_FOLDER).mkdir(parents=True, exist_ok=True)
-    n_defect = int(round(n * defect_fraction))
+    out, n_defect = prepare_dataset_folders(out, n, defect_fraction)
     counts = {"defect": 0, "ok": 0}
     for i in range(n):
         defect = i < n_defect

@@ -135,6 +135,10 @@ def part_report(
     return out
 
 
+# the rates of a part report, in the order tables show them
+PART_RATES = ("accuracy", "defect_recall", "false_reject_rate", "review_share", "ok_review_share", "line_escape_rate")
+
+
 def part_report_rows(report: dict[str, Any]) -> list[dict[str, str]]:
     """The part report as table rows (markdown / Prefect artifacts): rate, per photo, per part, parts mostly."""
 
@@ -142,14 +146,7 @@ def part_report_rows(report: dict[str, Any]) -> list[dict[str, str]]:
         return f"{100 * r['value']:.2f} % [{100 * r['low']:.2f}, {100 * r['high']:.2f}]"
 
     rows = []
-    for name in (
-        "accuracy",
-        "defect_recall",
-        "false_reject_rate",
-        "review_share",
-        "ok_review_share",
-        "line_escape_rate",
-    ):
+    for name in PART_RATES:
         if name in report:
             r = report[name]
             rows.append(

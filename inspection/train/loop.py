@@ -176,6 +176,19 @@ def lr_lambda(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Calla
 
 
 # ------------------------------------------------------------------------------------------------------- inference
+def _eval_loader(
+    net: InspectionNet, samples: Sequence[Any], size_hw: tuple[int, int], batch_size: int
+) -> torch.utils.data.DataLoader:
+    """Samples in order, no augmentation, at the network's own preprocessing."""
+    # its own generator: creating a loader iterator draws a seed, which must not shift the training RNG
+    return torch.utils.data.DataLoader(
+        ImageDataset(samples, size_hw, preprocess=net.preprocess.config),
+        batch_size=batch_size,
+        shuffle=False,
+        generator=torch.Generator(),
+    )
+
+
 @torch.no_grad()
 def predict_logits(
     net: InspectionNet,
@@ -189,13 +202,7 @@ def predict_logits(
     device = device or torch.device("cpu")
     was_training = net.training
     net.eval()
-    # its own generator: creating a loader iterator draws a seed, which must not shift the training RNG
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, size_hw, preprocess=net.preprocess.config),
-        batch_size=batch_size,
-        shuffle=False,
-        generator=torch.Generator(),
-    )
+    loader = _eval_loader(net, samples, size_hw, batch_size)
     out = []
     ctx = amp_context(device, config) if config is not None else nullcontext()
     for images, _ in loader:
@@ -212,14 +219,8 @@ def pooled_features(
 ) -> np.ndarray:
     """The head's input (N, D) for `samples` through the whole network (no augmentation)."""
     net.eval()
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, size_hw, preprocess=net.preprocess.config),
-        batch_size=64,
-        shuffle=False,
-        generator=torch.Generator(),
-    )
     out = []
-    for images, _ in loader:
+    for images, _ in _eval_loader(net, samples, size_hw, 64):
         with amp_context(device, config):
             out.append(net.pooled_features(images.to(device, non_blocking=True)).float().cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, sum(net.widths)))
