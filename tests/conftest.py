@@ -72,3 +72,24 @@ def real_data() -> Path:
     if path is None:
         pytest.skip("INSPECTION_REAL_DATA is not set to the real casting photos")
     return path
+
+
+@pytest.fixture
+def review_login():
+    """Log into a review app: `review_login(app, username, password, page)` -> (TestClient, the CSRF token that
+    `page` carries, for the forms posted from it)."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    def csrf_token(html: str) -> str:
+        return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+    def login(app, username: str, password: str, page: str) -> tuple[TestClient, str]:
+        client = TestClient(app)
+        token = csrf_token(client.get("/login").text)
+        data = {"username": username, "password": password, "csrf_token": token}
+        assert client.post("/login", data=data, follow_redirects=False).status_code == 303
+        return client, csrf_token(client.get(page).text)
+
+    return login

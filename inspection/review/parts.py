@@ -22,24 +22,30 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import select, tuple_
 
-from inspection.decisions import DecisionStore, inspections, reviews
+from inspection.decisions import DecisionStore, inspections
 from inspection.review.queries import (
     _ANY,
-    DECISION_ACTIONS,
-    ENUM_TYPES,
     FLAGGED_VERDICTS,
     UNDO,
     QueueFilters,
+    QueueItem,
     ReviewError,
     _decide_lock,
     _effective,
     _history,
     _queue_select,
     _utc,
-    _validate_decision,
-    allowed_types,
+    append_review,
+    changed_message,
+    checked_decision,
+    in_effect_check,
+    own_decisions,
+    require_flagged,
+    require_may_undo,
+    row_fields,
+    with_status,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,25 +60,15 @@ class PartConflict(ReviewError):
 
 
 @dataclass(frozen=True)
-class Photo:
-    """One flagged photo of a part, with its effective decision."""
+class Photo(QueueItem):
+    """One flagged photo of a part, with its effective decision (the queue item's fields), and what the part's
+    page shows besides."""
 
-    request_id: str
-    part_id: str
-    station: str
-    timestamp: datetime
-    verdict: str
-    defect_score: float | None
-    model_version: str | None
-    reason: str | None
     review_threshold: float | None
     reject_threshold: float | None
     has_image: bool
     has_heatmap: bool
     decision_id: int | None
-    decision: str | None  # effective action
-    defect_type: str | None  # the type QA gave with the effective decision
-    reviewer: str | None
     predicted_type: str | None = None  # a typed model's most likely defect type (runner's answer)
     predicted_type_probability: float | None = None
 
@@ -192,22 +188,12 @@ def parse_seen(text: str) -> dict[str, int | None]:
 
 def _photo(row: Any) -> Photo:
     return Photo(
-        request_id=row.request_id,
-        part_id=row.part_id,
-        station=row.station,
-        timestamp=_utc(row.timestamp),  # type: ignore[arg-type]
-        verdict=row.verdict,
-        defect_score=row.defect_score,
-        model_version=row.model_version,
-        reason=row.reason,
+        **row_fields(row),
         review_threshold=row.review_threshold,
         reject_threshold=row.reject_threshold,
         has_image=bool(row.image_path),
         has_heatmap=bool(row.heatmap_path),
         decision_id=row.decision_id,
-        decision=row.decision_action,
-        defect_type=row.decision_defect_type,
-        reviewer=row.decision_reviewer,
         predicted_type=row.defect_type,
         predicted_type_probability=row.defect_type_probability,
     )
@@ -238,10 +224,6 @@ def _matches(p: Photo, f: QueueFilters) -> bool:
         and (f.since is None or p.timestamp >= f.since)
         and (f.until is None or p.timestamp < f.until)
     )
-
-
-def with_status(f: QueueFilters, status: str) -> QueueFilters:
-    return QueueFilters(f.station, f.verdict, f.model_version, f.since, f.until, status=status)
 
 
 def all_parts(store: DecisionStore, filters: QueueFilters, window_s: float) -> list[Part]:
@@ -381,21 +363,13 @@ def record_part_decision(
     written. Leave it out to decide on top of whatever is there. `defect_type`: one of `queries.allowed_types`
     (QA's enum, the types the store's models answer, `extra_types` such as the part's model card's).
     """
-    if defect_type:
-        with store.engine.connect() as conn:
-            allowed = allowed_types(conn, extra_types)
-    else:
-        allowed = ENUM_TYPES
-    defect_type, comment = _validate_decision(action, defect_type, comment, allowed)
+    defect_type, comment = checked_decision(store, action, defect_type, comment, extra_types)
     decided_at = _utc(now) if now else datetime.now(UTC)
     with _decide_lock:
         part = part_of(store, request_id, window_s)
         if part is None:
             raise ReviewError(f"no inspection with request id {request_id!r}")
-        if part.verdict not in FLAGGED_VERDICTS:
-            raise ReviewError(
-                f"part {request_id} has verdict {part.verdict!r}; only {', '.join(FLAGGED_VERDICTS)} parts are reviewed"
-            )
+        require_flagged(request_id, part.verdict)
         ids = [p.request_id for p in part.photos]
         with store.engine.begin() as conn:
             conn.execute(
@@ -409,28 +383,12 @@ def record_part_decision(
                         f"part {part.part_id} now has {len(ids)} photo(s), the page showed {len(seen)}; reload it"
                     )
                 for rid, c in current.items():
-                    now_id = c["id"] if c else None
-                    if seen[rid] != now_id:
-                        who = f"{c['action']} by {c['reviewer']}" if c else "undecided"
-                        raise PartConflict(
-                            f"part {part.part_id} changed meanwhile (now: {who}); reload it and decide again"
-                        )
-            new_ids = []
-            for rid in ids:
-                c = current[rid]
-                result = conn.execute(
-                    insert(reviews).returning(reviews.c.id),
-                    {
-                        "request_id": rid,
-                        "action": action,
-                        "defect_type": defect_type,
-                        "comment": comment,
-                        "reviewer": reviewer,
-                        "decided_at": decided_at,
-                        "replaces": c["id"] if c else None,
-                    },
-                )
-                new_ids.append(int(result.scalar_one()))
+                    if seen[rid] != (c["id"] if c else None):
+                        raise PartConflict(changed_message(part.part_id, c))
+            new_ids = [
+                append_review(conn, rid, action, reviewer, decided_at, c["id"] if c else None, defect_type, comment)
+                for rid, c in current.items()  # in photo order
+            ]
     logger.info("part %s (%d photos): %s by %s", part.part_id, len(ids), action, reviewer)
     return new_ids
 
@@ -457,26 +415,11 @@ def undo_part_decision(
                 current = _effective(_history(conn, rid))
                 if current is None:
                     continue
-                if current["reviewer"] != reviewer and not may_undo_others:
-                    raise ReviewError(
-                        f"the decision on {rid} was made by {current['reviewer']}; only they or an admin can undo it"
-                    )
+                require_may_undo(current, reviewer, may_undo_others)
                 targets.append(current)
         else:
-            own = conn.execute(
-                select(reviews)
-                .where(reviews.c.reviewer == reviewer, reviews.c.action.in_(DECISION_ACTIONS))
-                .order_by(reviews.c.id.desc())
-                .limit(500)
-            ).all()
-            effective: dict[str, dict[str, Any] | None] = {}
-
-            def in_effect(row: Any) -> dict[str, Any] | None:
-                if row.request_id not in effective:
-                    effective[row.request_id] = _effective(_history(conn, row.request_id))
-                current = effective[row.request_id]
-                return current if current is not None and current["id"] == row.id else None
-
+            own = own_decisions(conn, reviewer, 500)
+            in_effect = in_effect_check(conn)
             latest = next((c for row in own if (c := in_effect(row)) is not None), None)
             if latest is not None:
                 stamp = _utc(latest["decided_at"])
@@ -485,18 +428,7 @@ def undo_part_decision(
             return None
         undone_at = datetime.now(UTC)
         for target in targets:
-            conn.execute(
-                insert(reviews),
-                {
-                    "request_id": target["request_id"],
-                    "action": UNDO,
-                    "defect_type": None,
-                    "comment": None,
-                    "reviewer": reviewer,
-                    "decided_at": undone_at,
-                    "replaces": target["id"],
-                },
-            )
+            append_review(conn, target["request_id"], UNDO, reviewer, undone_at, target["id"])
     first = min(targets, key=lambda t: t["id"])
     logger.info("%d decision row(s) from #%d undone by %s", len(targets), first["id"], reviewer)
     return str(first["request_id"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,9 +48,14 @@ class DecisionConflict(ReviewError):
     """The part's decision changed since the reviewer loaded the page; nothing was written."""
 
     def __init__(self, request_id: str, current: dict[str, Any] | None):
-        who = f"{current['action']} by {current['reviewer']}" if current else "undecided"
-        super().__init__(f"part {request_id} changed meanwhile (now: {who}); reload it and decide again")
+        super().__init__(changed_message(request_id, current))
         self.current = current
+
+
+def changed_message(part: str, current: dict[str, Any] | None) -> str:
+    """What a reviewer is told when part `part` was decided meanwhile; `current` is its decision now."""
+    who = f"{current['action']} by {current['reviewer']}" if current else "undecided"
+    return f"part {part} changed meanwhile (now: {who}); reload it and decide again"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class QueueFilters:
 
 @dataclass(frozen=True)
 class QueueItem:
+    """One flagged inspection (photo) with its effective decision."""
+
     request_id: str
     part_id: str
     station: str
@@ -86,7 +93,7 @@ class QueueItem:
     model_version: str | None
     reason: str | None
     decision: str | None  # effective action, None if undecided
-    defect_type: str | None
+    defect_type: str | None  # the type QA gave with the effective decision
     reviewer: str | None
 
 
@@ -165,20 +172,30 @@ def _filter_clauses(filters: QueueFilters, flagged_only: bool = True) -> list[Co
     return clauses
 
 
+def with_status(f: QueueFilters, status: str) -> QueueFilters:
+    """The same filters with another status."""
+    return QueueFilters(f.station, f.verdict, f.model_version, f.since, f.until, status=status)
+
+
+def row_fields(row: Any) -> dict[str, Any]:
+    """The fields of a `_queue_select` row that a queue item and a part's photo (`parts.Photo`) both carry."""
+    return {
+        "request_id": row.request_id,
+        "part_id": row.part_id,
+        "station": row.station,
+        "timestamp": _utc(row.timestamp),
+        "verdict": row.verdict,
+        "defect_score": row.defect_score,
+        "model_version": row.model_version,
+        "reason": row.reason,
+        "decision": row.decision_action,
+        "defect_type": row.decision_defect_type,
+        "reviewer": row.decision_reviewer,
+    }
+
+
 def _item(row: Any) -> QueueItem:
-    return QueueItem(
-        request_id=row.request_id,
-        part_id=row.part_id,
-        station=row.station,
-        timestamp=_utc(row.timestamp),  # type: ignore[arg-type]
-        verdict=row.verdict,
-        defect_score=row.defect_score,
-        model_version=row.model_version,
-        reason=row.reason,
-        decision=row.decision_action,
-        defect_type=row.decision_defect_type,
-        reviewer=row.decision_reviewer,
-    )
+    return QueueItem(**row_fields(row))
 
 
 def queue(store: DecisionStore, filters: QueueFilters, limit: int = 50, offset: int = 0) -> list[QueueItem]:
@@ -197,11 +214,7 @@ def count_queue(store: DecisionStore, filters: QueueFilters) -> int:
 
 def count_waiting(store: DecisionStore, filters: QueueFilters | None = None) -> int:
     """Flagged parts nobody has decided yet (within the filters, whatever their status filter says)."""
-    base = filters or QueueFilters()
-    return count_queue(
-        store,
-        QueueFilters(base.station, base.verdict, base.model_version, base.since, base.until, status="waiting"),
-    )
+    return count_queue(store, with_status(filters or QueueFilters(), "waiting"))
 
 
 def neighbours(store: DecisionStore, request_id: str, filters: QueueFilters) -> tuple[str | None, str | None]:
@@ -225,9 +238,7 @@ def neighbours(store: DecisionStore, request_id: str, filters: QueueFilters) -> 
 
 def next_waiting(store: DecisionStore, after_request_id: str | None, filters: QueueFilters) -> str | None:
     """The waiting part to show after deciding `after_request_id`: the next one in queue order, else the oldest."""
-    waiting = QueueFilters(
-        filters.station, filters.verdict, filters.model_version, filters.since, filters.until, status="waiting"
-    )
+    waiting = with_status(filters, "waiting")
     if after_request_id is not None:
         _, nxt = neighbours(store, after_request_id, waiting)
         if nxt is not None:
@@ -327,6 +338,85 @@ def _validate_decision(
     return defect_type, comment
 
 
+def checked_decision(
+    store: DecisionStore, action: str, defect_type: str | None, comment: str | None, extra_types: Collection[str]
+) -> tuple[str | None, str | None]:
+    """`_validate_decision` against the types the store allows (`allowed_types`; QA's enum when no type is given)."""
+    if defect_type:
+        with store.engine.connect() as conn:
+            allowed = allowed_types(conn, extra_types)
+    else:
+        allowed = ENUM_TYPES
+    return _validate_decision(action, defect_type, comment, allowed)
+
+
+def require_flagged(request_id: str, verdict: str) -> None:
+    """Only flagged parts are reviewed."""
+    if verdict not in FLAGGED_VERDICTS:
+        raise ReviewError(
+            f"part {request_id} has verdict {verdict!r}; only {', '.join(FLAGGED_VERDICTS)} parts are reviewed"
+        )
+
+
+def require_may_undo(current: dict[str, Any], reviewer: str, may_undo_others: bool) -> None:
+    """A decision is undone by whoever made it, or by an admin (`may_undo_others`)."""
+    if current["reviewer"] != reviewer and not may_undo_others:
+        raise ReviewError(
+            f"the decision on {current['request_id']} was made by {current['reviewer']}; "
+            "only they or an admin can undo it"
+        )
+
+
+def append_review(
+    conn: Any,
+    request_id: str,
+    action: str,
+    reviewer: str,
+    decided_at: datetime,
+    replaces: int | None,
+    defect_type: str | None = None,
+    comment: str | None = None,
+) -> int:
+    """Append one review row (a decision, or an `undo` naming the decision it withdraws); returns its id."""
+    result = conn.execute(
+        insert(reviews).returning(reviews.c.id),
+        {
+            "request_id": request_id,
+            "action": action,
+            "defect_type": defect_type,
+            "comment": comment,
+            "reviewer": reviewer,
+            "decided_at": decided_at,
+            "replaces": replaces,
+        },
+    )
+    return int(result.scalar_one())
+
+
+def own_decisions(conn: Any, reviewer: str, limit: int) -> list[Any]:
+    """The reviewer's decision rows, newest first, at most `limit`."""
+    return conn.execute(
+        select(reviews)
+        .where(reviews.c.reviewer == reviewer, reviews.c.action.in_(DECISION_ACTIONS))
+        .order_by(reviews.c.id.desc())
+        .limit(limit)
+    ).all()
+
+
+def in_effect_check(conn: Any) -> Callable[[Any], dict[str, Any] | None]:
+    """A function of a review row: its effective decision if that is the row itself (not since replaced or
+    undone), else None; each request id's history is replayed once."""
+    effective: dict[str, dict[str, Any] | None] = {}
+
+    def in_effect(row: Any) -> dict[str, Any] | None:
+        if row.request_id not in effective:
+            effective[row.request_id] = _effective(_history(conn, row.request_id))
+        current = effective[row.request_id]
+        return current if current is not None and current["id"] == row.id else None
+
+    return in_effect
+
+
 _ANY = object()
 
 
@@ -347,12 +437,7 @@ def record_decision(
     since, `DecisionConflict` is raised and nothing is written. Leave it out to decide on top of whatever is there.
     `defect_type` is one of `allowed_types` (QA's enum, the types models in the store answer, `extra_types`).
     """
-    if defect_type:
-        with store.engine.connect() as conn:
-            allowed = allowed_types(conn, extra_types)
-    else:
-        allowed = ENUM_TYPES
-    defect_type, comment = _validate_decision(action, defect_type, comment, allowed)
+    defect_type, comment = checked_decision(store, action, defect_type, comment, extra_types)
     with _decide_lock, store.engine.begin() as conn:
         part = conn.execute(
             select(inspections.c.request_id, inspections.c.verdict)
@@ -361,27 +446,13 @@ def record_decision(
         ).first()
         if part is None:
             raise ReviewError(f"no inspection with request id {request_id!r}")
-        if part.verdict not in FLAGGED_VERDICTS:
-            raise ReviewError(
-                f"part {request_id} has verdict {part.verdict!r}; only {', '.join(FLAGGED_VERDICTS)} parts are reviewed"
-            )
+        require_flagged(request_id, part.verdict)
         current = _effective(_history(conn, request_id))
         current_id = current["id"] if current else None
         if expected_current is not _ANY and expected_current != current_id:
             raise DecisionConflict(request_id, current)
-        result = conn.execute(
-            insert(reviews).returning(reviews.c.id),
-            {
-                "request_id": request_id,
-                "action": action,
-                "defect_type": defect_type,
-                "comment": comment,
-                "reviewer": reviewer,
-                "decided_at": _utc(now) if now else datetime.now(UTC),
-                "replaces": current_id,
-            },
-        )
-        new_id = int(result.scalar_one())
+        decided_at = _utc(now) if now else datetime.now(UTC)
+        new_id = append_review(conn, request_id, action, reviewer, decided_at, current_id, defect_type, comment)
     logger.info("review #%d: %s %s by %s (replaces %s)", new_id, request_id, action, reviewer, current_id)
     return new_id
 
@@ -400,41 +471,15 @@ def undo_decision(
             current = _effective(_history(conn, request_id))
             if current is None:
                 return None
-            if current["reviewer"] != reviewer and not may_undo_others:
-                raise ReviewError(
-                    f"the decision on {request_id} was made by {current['reviewer']}; only they or an admin can undo it"
-                )
+            require_may_undo(current, reviewer, may_undo_others)
             target = current
         else:
             # newest first; a decision of ours that was since replaced or undone is skipped
-            own = conn.execute(
-                select(reviews)
-                .where(reviews.c.reviewer == reviewer, reviews.c.action.in_(DECISION_ACTIONS))
-                .order_by(reviews.c.id.desc())
-                .limit(200)
-            ).all()
-            effective: dict[str, dict[str, Any] | None] = {}
-            for row in own:
-                if row.request_id not in effective:
-                    effective[row.request_id] = _effective(_history(conn, row.request_id))
-                current = effective[row.request_id]
-                if current is not None and current["id"] == row.id:
-                    target = current
-                    break
+            in_effect = in_effect_check(conn)
+            target = next((c for row in own_decisions(conn, reviewer, 200) if (c := in_effect(row)) is not None), None)
         if target is None:
             return None
-        conn.execute(
-            insert(reviews),
-            {
-                "request_id": target["request_id"],
-                "action": UNDO,
-                "defect_type": None,
-                "comment": None,
-                "reviewer": reviewer,
-                "decided_at": datetime.now(UTC),
-                "replaces": target["id"],
-            },
-        )
+        append_review(conn, target["request_id"], UNDO, reviewer, datetime.now(UTC), target["id"])
     logger.info("review #%d on %s undone by %s", target["id"], target["request_id"], reviewer)
     return str(target["request_id"])
 

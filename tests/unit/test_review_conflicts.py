@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from inspection.cli import main as cli_main
 from inspection.decisions import DecisionStore
@@ -44,16 +43,6 @@ def app(tmp_path: Path, ingest_store: Path):
     store.close()
 
 
-def _login(app) -> tuple[TestClient, str]:
-    client = TestClient(app)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
-    r = client.post(
-        "/login", data={"username": "rita", "password": PASSWORD, "csrf_token": token}, follow_redirects=False
-    )
-    assert r.status_code == 303
-    return client, re.search(r'name="csrf_token" value="([^"]+)"', client.get("/conflicts").text).group(1)
-
-
 def test_the_ingest_store_holds_one_part_labelled_both_ways(ingest_store: Path) -> None:
     conflicts = label_conflicts(ingest_store)
     assert len(conflicts) == 1
@@ -61,8 +50,8 @@ def test_the_ingest_store_holds_one_part_labelled_both_ways(ingest_store: Path) 
     assert len({s.group_id for s in load_samples(ingest_store)}) == 6  # one group per physical part
 
 
-def test_the_queue_shows_the_part_with_its_photos_side_by_side(app, ingest_store: Path) -> None:
-    client, _ = _login(app)
+def test_the_queue_shows_the_part_with_its_photos_side_by_side(app, ingest_store: Path, review_login) -> None:
+    client, _ = review_login(app, "rita", PASSWORD, "/conflicts")
     conflict = label_conflicts(ingest_store)[0]
     html = client.get("/queue").text
     assert 'data-testid="conflicts-total">1<' in html  # the top bar counts it on every page
@@ -83,8 +72,10 @@ def test_the_queue_shows_the_part_with_its_photos_side_by_side(app, ingest_store
     assert client.get("/conflicts/g-unknown").status_code == 404
 
 
-def test_one_decision_relabels_every_photo_and_empties_the_queue(app, ingest_store: Path, tmp_path: Path) -> None:
-    client, token = _login(app)
+def test_one_decision_relabels_every_photo_and_empties_the_queue(
+    app, ingest_store: Path, tmp_path: Path, review_login
+) -> None:
+    client, token = review_login(app, "rita", PASSWORD, "/conflicts")
     conflict = label_conflicts(ingest_store)[0]
     seen = re.search(r'name="seen" value="([^"]*)"', client.get(f"/conflicts/{conflict.group_id}").text).group(1)
     r = client.post(
@@ -105,8 +96,8 @@ def test_one_decision_relabels_every_photo_and_empties_the_queue(app, ingest_sto
     assert label_conflicts(ingest_store) == []
 
 
-def test_bad_or_stale_decisions_change_nothing(app, ingest_store: Path) -> None:
-    client, token = _login(app)
+def test_bad_or_stale_decisions_change_nothing(app, ingest_store: Path, review_login) -> None:
+    client, token = review_login(app, "rita", PASSWORD, "/conflicts")
     group = label_conflicts(ingest_store)[0].group_id
     url = f"/conflicts/{group}/decision"
     assert client.post(url, data={"csrf_token": token, "label": "maybe"}).status_code == 400
@@ -117,11 +108,11 @@ def test_bad_or_stale_decisions_change_nothing(app, ingest_store: Path) -> None:
     assert len(label_conflicts(ingest_store)) == 1
 
 
-def test_without_an_ingest_store_the_queue_says_how_to_get_one(tmp_path: Path) -> None:
+def test_without_an_ingest_store_the_queue_says_how_to_get_one(tmp_path: Path, review_login) -> None:
     store = DecisionStore(tmp_path / "d")
     app = create_app(ReviewConfig(store=str(tmp_path / "d"), password_time_cost=1, password_memory_kib=1024), store)
     app.state.auth.add_user("rita", PASSWORD, "reviewer")
-    client, token = _login(app)
+    client, token = review_login(app, "rita", PASSWORD, "/conflicts")
     assert "--ingest-store" in client.get("/conflicts").text
     assert 'data-testid="nav-conflicts"' not in client.get("/queue").text
     assert client.get("/conflicts/g1").status_code == 404
@@ -131,8 +122,8 @@ def test_without_an_ingest_store_the_queue_says_how_to_get_one(tmp_path: Path) -
         ConflictSource(tmp_path / "nothing")
 
 
-def test_photos_outside_the_store_are_never_served(app, ingest_store: Path, tmp_path: Path) -> None:
-    client, _ = _login(app)
+def test_photos_outside_the_store_are_never_served(app, ingest_store: Path, tmp_path: Path, review_login) -> None:
+    client, _ = review_login(app, "rita", PASSWORD, "/conflicts")
     conflict = label_conflicts(ingest_store)[0]
     sha = conflict.photos[0][0]
     outside = tmp_path / "secret.png"

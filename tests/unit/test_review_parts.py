@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from inspection.decisions import DecisionStore, reviews
@@ -171,22 +170,13 @@ def test_neighbours_and_next_waiting_move_by_part(line: DecisionStore) -> None:
 # -- through the app -----------------------------------------------------------------------------------------
 
 
-def _login(app) -> tuple[TestClient, str]:
-    client = TestClient(app)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)
-    r = client.post(
-        "/login", data={"username": "rita", "password": PASSWORD, "csrf_token": token}, follow_redirects=False
-    )
-    assert r.status_code == 303
-    page = client.get("/queue").text
-    return client, re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
-
-
-def test_app_shows_one_row_per_part_and_decides_all_its_photos(line: DecisionStore, tmp_path: Path) -> None:
+def test_app_shows_one_row_per_part_and_decides_all_its_photos(
+    line: DecisionStore, tmp_path: Path, review_login
+) -> None:
     config = ReviewConfig(store=str(tmp_path / "store"), password_time_cost=1, password_memory_kib=1024)
     app = create_app(config, store=line)
     app.state.auth.add_user("rita", PASSWORD, "reviewer")
-    client, token = _login(app)
+    client, token = review_login(app, "rita", PASSWORD, "/queue")
     html = client.get("/queue").text
     assert re.findall(r'data-href="/parts/(\w+)"', html) == ["a1", "b1", "c1", "a4"]
     assert 'data-testid="waiting-count">4<' in html and 'data-testid="waiting-total">4<' in html
