@@ -19,11 +19,14 @@ Rules the code keeps, in order of importance:
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import hashlib
 import logging
 import shutil
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -374,6 +377,36 @@ class Runtime:
                 raise
         else:
             self.store_ok()
+
+    async def hold_part(
+        self,
+        source: str,
+        reason: str,
+        message: str,
+        request_id: str,
+        part_id: str,
+        station: str,
+        t0: float,
+        data: bytes,
+        product: str | None,
+        to_thread: Callable[..., Awaitable[Any]] = asyncio.to_thread,
+    ) -> tuple[InspectionResult, bool]:
+        """Decide and store a `review` hold (no model verdict) for a part that came by `source`, counted under its
+        reason code, with the bytes that came unless they are over the image limit (QA sees what the camera gave).
+        `to_thread` runs the store write off the event loop. Returns the decision and whether it is stored: a
+        stored one is counted and published (`after_record`), a failed write is logged and counted."""
+        sha = hashlib.sha256(data).hexdigest() if data else None
+        result = self.decide(request_id, part_id, station, t0, None, f"{reason}: {message}", sha, product)
+        self.metrics.errors.labels(reason).inc()
+        keep = data if data and len(data) <= self.config.image_limits.max_bytes else None
+        try:
+            await to_thread(self.store_hold, result, keep, source, t0)  # without the image if it cannot fit
+        except Exception:
+            logger.exception("decision store write failed for held request %s", request_id)
+            self.metrics.errors.labels("store").inc()
+            return result, False
+        self.after_record(result, source)
+        return result, True
 
     def begin_drain(self) -> None:
         """Stop taking parts (each new one is held: 503 + stored `review`; /readyz 503); in-flight ones finish."""

@@ -157,25 +157,16 @@ def create_app(config: RunnerConfig, runtime: Runtime | None = None) -> FastAPI:
         data: bytes,
         product: str | None,
     ) -> Response:
-        sha = hashlib.sha256(data).hexdigest() if data else None
-        result = rt.decide(request_id, part_id, station, t0, None, f"{reason}: {message}", sha, product)
-        rt.metrics.errors.labels(reason).inc()
-        try:
-            # keep what was sent (when it is not absurdly large): QA sees exactly what the camera gave
-            keep = data if data and len(data) <= limits.max_bytes else None
-            await run_in_threadpool(rt.store_hold, result, keep, "http", t0)
-        except Exception:
-            logger.exception("decision store write failed for held request %s", request_id)
-            rt.metrics.errors.labels("store").inc()
-            status = 503
+        result, stored = await rt.hold_part(
+            "http", reason, message, request_id, part_id, station, t0, data, product, run_in_threadpool
+        )
+        if not stored:
             body = InspectError(
                 detail=f"{message}; the hold could not be stored either",
                 reason="store_error",
                 result=result.model_copy(update={"reason": f"store_error: {result.reason}"}),
             )
-            return Response(body.model_dump_json(), status_code=status, media_type="application/json")
-        else:
-            rt.after_record(result, "http")
+            return Response(body.model_dump_json(), status_code=503, media_type="application/json")
         logger.warning("request %s part %s held (%s): %s", request_id, part_id, reason, message)
         body = InspectError(detail=message, reason=reason, result=result)
         # draining: close the connection after this answer, so the client's next part opens a new one, which is

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import copy
 import json
-import queue
 from pathlib import Path
 
 import httpx
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from inspection.registry import Registry
-from inspection.runner import RunnerConfig, Runtime, create_app
-from inspection.runner.config import AuthConfig, MqttConfig, SwapConfig
+from inspection.runner import Runtime, create_app
+from inspection.runner.config import MqttConfig, SwapConfig
 from inspection.schemas import InspectionResult
 from tests.fixtures.model import KNOWN_LOGIT, Part, known_card
 from tests.fixtures.serving import serve_in_thread, version_copy
@@ -70,7 +68,13 @@ def typed_export(known_net, known_parts: list[Part], tmp_path_factory: pytest.Te
 
 
 def test_a_typed_model_answers_stores_and_publishes_the_defect_type(
-    typed_export: Path, known_export: Path, known_parts: list[Part], mosquitto_broker, tmp_path: Path
+    typed_export: Path,
+    known_export: Path,
+    known_parts: list[Part],
+    mosquitto_broker,
+    mqtt_subscriber,
+    registry_runner_config,
+    tmp_path: Path,
 ) -> None:
     from inspection.runner.inferencer import REFERENCE_FILE
 
@@ -84,23 +88,12 @@ def test_a_typed_model_answers_stores_and_publishes_the_defect_type(
     impeller.promote("plain-1", reason="untyped model", force=True)
 
     host, port = mosquitto_broker
-    received: queue.Queue = queue.Queue()
-    subscribed: queue.Queue = queue.Queue()
-    sub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="types-plc")
-    sub.on_message = lambda c, u, msg: received.put(msg.payload)
-    sub.on_subscribe = lambda c, u, mid, rc, props: subscribed.put(rc)
-    sub.connect(host, port)
-    sub.loop_start()
-    sub.subscribe("inspection/types-line/verdict", qos=1)
-    subscribed.get(timeout=10)
+    received = mqtt_subscriber("inspection/types-line/verdict", "types-plc")
 
-    cfg = RunnerConfig(
-        registry=root,
-        store=str(tmp_path / "store"),
+    cfg = registry_runner_config(
+        root,
+        TOKEN,
         station="types-line",
-        threads=1,
-        warmup_runs=1,
-        auth=AuthConfig(token=TOKEN),
         product="tile",
         products=("tile", "impeller"),
         mqtt=MqttConfig(host=host, port=port),
@@ -110,23 +103,19 @@ def test_a_typed_model_answers_stores_and_publishes_the_defect_type(
     defects = [p for p in known_parts if p.label == "defect"][:6]
     good = next(p for p in known_parts if p.label == "ok")
     answers = {}
-    try:
-        with serve_in_thread(create_app(cfg, rt)) as url, httpx.Client(base_url=url, headers=HEADERS) as h:
-            assert rt.wait_ready(120), {p: s.swapper.last_error for p, s in rt.slots.items()}
-            assert h.get("/readyz").json()["products"]["tile"]["defect_types"] == list(TYPES)
-            for i, part in enumerate(defects):
-                answers[f"d{i}"] = h.post("/v1/inspect", content=part.path.read_bytes(), params={"part_id": f"d{i}"})
-            answers["ok"] = h.post("/v1/inspect", content=good.path.read_bytes(), params={"part_id": "ok"})
-            answers["plain"] = h.post(
-                "/v1/inspect", content=defects[0].path.read_bytes(), params={"part_id": "plain", "product": "impeller"}
-            )
-            published = {}
-            while len(published) < len(answers):
-                result = InspectionResult.model_validate_json(received.get(timeout=15))
-                published[result.request_id] = result
-    finally:
-        sub.loop_stop()
-        sub.disconnect()
+    with serve_in_thread(create_app(cfg, rt)) as url, httpx.Client(base_url=url, headers=HEADERS) as h:
+        assert rt.wait_ready(120), {p: s.swapper.last_error for p, s in rt.slots.items()}
+        assert h.get("/readyz").json()["products"]["tile"]["defect_types"] == list(TYPES)
+        for i, part in enumerate(defects):
+            answers[f"d{i}"] = h.post("/v1/inspect", content=part.path.read_bytes(), params={"part_id": f"d{i}"})
+        answers["ok"] = h.post("/v1/inspect", content=good.path.read_bytes(), params={"part_id": "ok"})
+        answers["plain"] = h.post(
+            "/v1/inspect", content=defects[0].path.read_bytes(), params={"part_id": "plain", "product": "impeller"}
+        )
+        published = {}
+        while len(published) < len(answers):
+            result = InspectionResult.model_validate_json(received.get(timeout=15).payload)
+            published[result.request_id] = result
     got = {k: InspectionResult.model_validate_json(r.text) for k, r in answers.items()}
     assert all(r.status_code == 200 for r in answers.values()), {k: r.text for k, r in answers.items()}
     for i in range(len(defects)):

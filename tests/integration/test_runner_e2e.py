@@ -14,8 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from inspection.images import decode_image, encode_jpeg
-from inspection.runner import RunnerConfig, Runtime, create_app
-from inspection.runner.config import AuthConfig
+from inspection.runner import Runtime, create_app
 from tests.fixtures.serving import sample_frame
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,27 +22,15 @@ TOKEN = "e2e-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _config(tmp_path, registry, **kw) -> RunnerConfig:
-    return RunnerConfig(
-        registry=registry,
-        store=str(tmp_path / "store"),
-        station="e2e",
-        threads=1,
-        warmup_runs=1,
-        auth=AuthConfig(token=TOKEN),
-        **kw,
-    )
-
-
 def _frames():
     return [sample_frame(v, 96, 96) for v in (20, 120, 220)] + [sample_frame(60, 70, 110)]
 
 
-def test_real_model_served_with_scores_equal_to_onnx(tmp_path, tiny_registry):
+def test_real_model_served_with_scores_equal_to_onnx(tiny_registry, registry_runner_config):
     from inspection.onnx_infer import OnnxModel
     from inspection.registry import Registry
 
-    cfg = _config(tmp_path, tiny_registry)
+    cfg = registry_runner_config(tiny_registry, TOKEN, station="e2e")
     rt = Runtime.build(cfg)
     with TestClient(create_app(cfg, rt)) as c:
         assert rt.wait_ready(120), rt.swapper.last_error
@@ -223,7 +210,7 @@ def _second_version(tiny_registry: Path, tmp_path: Path, broken: str | None = No
     return version
 
 
-def test_hot_swap_under_concurrent_load_without_failures(tmp_path, tiny_registry):
+def test_hot_swap_under_concurrent_load_without_failures(tmp_path, tiny_registry, registry_runner_config):
     import concurrent.futures as cf
     import threading
 
@@ -231,7 +218,7 @@ def test_hot_swap_under_concurrent_load_without_failures(tmp_path, tiny_registry
 
     from tests.fixtures.serving import serve_in_thread
 
-    cfg = _config(tmp_path, tiny_registry)
+    cfg = registry_runner_config(tiny_registry, TOKEN, station="e2e")
     cfg = type(cfg)(**{**cfg.__dict__, "swap": type(cfg.swap)(poll_s=0.1)})
     rt = Runtime.build(cfg)
     app = create_app(cfg, rt)
@@ -270,11 +257,11 @@ def test_hot_swap_under_concurrent_load_without_failures(tmp_path, tiny_registry
 
 
 @pytest.mark.parametrize("broken", ["corrupt", "wrong_contract"])
-def test_broken_model_refused_old_keeps_serving(tmp_path, tiny_registry, broken):
+def test_broken_model_refused_old_keeps_serving(tmp_path, tiny_registry, broken, registry_runner_config):
     from inspection.runner.config import SwapConfig
 
     # no polling: the test decides when the runner looks (after the file is corrupted)
-    cfg = _config(tmp_path, tiny_registry, swap=SwapConfig(enabled=False))
+    cfg = registry_runner_config(tiny_registry, TOKEN, station="e2e", swap=SwapConfig(enabled=False))
     rt = Runtime.build(cfg)
     with TestClient(create_app(cfg, rt)) as c:
         assert rt.wait_ready(120)
@@ -295,9 +282,9 @@ def test_broken_model_refused_old_keeps_serving(tmp_path, tiny_registry, broken)
 
 
 @pytest.mark.gpu
-def test_gpu_providers_serve_when_present(tmp_path, tiny_registry):
+def test_gpu_providers_serve_when_present(tiny_registry, registry_runner_config):
     """GPU path: with a CUDA device the runner must really run on TensorRT or CUDA (auto-skipped without one)."""
-    cfg = _config(tmp_path, tiny_registry)
+    cfg = registry_runner_config(tiny_registry, TOKEN, station="e2e")
     rt = Runtime.build(cfg)
     with TestClient(create_app(cfg, rt)) as c:
         assert rt.wait_ready(600), rt.swapper.last_error

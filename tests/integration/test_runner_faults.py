@@ -134,12 +134,14 @@ def _damaged_copy(src: Path, dest: Path, version: str, reference: bool, damage: 
 
 
 @pytest.mark.parametrize("with_reference", [True, False])
-def test_weights_damaged_before_hashing_are_refused_by_the_smoke_reference(tmp_path, tiny_registry, with_reference):
+def test_weights_damaged_before_hashing_are_refused_by_the_smoke_reference(
+    tmp_path, tiny_registry, with_reference, registry_runner_config
+):
     """A bad deploy: the model file lost some weights before it was hashed, so its sha256 matches and it still
     loads and gives sane-looking scores. Only the export's smoke reference tells it from the exported model."""
     from inspection.registry import Registry
-    from inspection.runner import RunnerConfig, Runtime
-    from inspection.runner.config import AuthConfig, SwapConfig
+    from inspection.runner import Runtime
+    from inspection.runner.config import SwapConfig
 
     reg = Registry(tiny_registry)
     current = reg.get(reg.alias("production"))
@@ -154,14 +156,7 @@ def test_weights_damaged_before_hashing_are_refused_by_the_smoke_reference(tmp_p
         )
     for folder in (good, bad):
         reg.register(folder, user="test")
-    cfg = RunnerConfig(
-        registry=tiny_registry,
-        store=str(tmp_path / "store"),
-        threads=1,
-        warmup_runs=1,
-        auth=AuthConfig(token=TOKEN),
-        swap=SwapConfig(enabled=False),
-    )
+    cfg = registry_runner_config(tiny_registry, TOKEN, swap=SwapConfig(enabled=False))
     rt = Runtime.build(cfg)
     try:
         reg.promote("good-ref", reason="test", user="test", force=True)

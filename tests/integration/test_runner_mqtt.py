@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-
-import paho.mqtt.client as mqtt
 from fastapi.testclient import TestClient
 
 from inspection.images import encode_jpeg
@@ -14,17 +11,9 @@ from inspection.schemas import InspectionResult
 from tests.fixtures.serving import fake_inferencer, sample_frame
 
 
-def test_verdicts_published_to_real_broker(tmp_path, mosquitto_broker):
+def test_verdicts_published_to_real_broker(tmp_path, mosquitto_broker, mqtt_subscriber):
     host, port = mosquitto_broker
-    received: queue.Queue = queue.Queue()
-    sub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="test-plc")
-    subscribed = queue.Queue()
-    sub.on_message = lambda c, u, msg: received.put((msg.topic, msg.qos, msg.payload))
-    sub.on_subscribe = lambda c, u, mid, rc, props: subscribed.put(rc)
-    sub.connect(host, port)
-    sub.loop_start()
-    sub.subscribe("inspection/+/verdict", qos=1)
-    subscribed.get(timeout=10)
+    received = mqtt_subscriber("inspection/+/verdict", "test-plc")
 
     cfg = RunnerConfig(
         store=str(tmp_path / "store"),
@@ -34,25 +23,21 @@ def test_verdicts_published_to_real_broker(tmp_path, mosquitto_broker):
     )
     rt = Runtime.build(cfg)
     rt.holder.swap(fake_inferencer())
-    try:
-        with TestClient(create_app(cfg, rt)) as c:
-            ok = c.post(
-                "/v1/inspect",
-                content=encode_jpeg(sample_frame(250)),
-                headers={"Content-Type": "image/jpeg"},
-                params={"part_id": "M-1"},
-            )
-            bad = c.post(
-                "/v1/inspect",
-                content=b"junk",
-                headers={"Content-Type": "image/jpeg"},
-                params={"part_id": "M-2", "station": "line5"},
-            )
-            msgs = [received.get(timeout=10), received.get(timeout=10)]
-    finally:
-        sub.loop_stop()
-        sub.disconnect()
-    by_topic = {t: (qos, InspectionResult.model_validate_json(p)) for t, qos, p in msgs}
+    with TestClient(create_app(cfg, rt)) as c:
+        ok = c.post(
+            "/v1/inspect",
+            content=encode_jpeg(sample_frame(250)),
+            headers={"Content-Type": "image/jpeg"},
+            params={"part_id": "M-1"},
+        )
+        bad = c.post(
+            "/v1/inspect",
+            content=b"junk",
+            headers={"Content-Type": "image/jpeg"},
+            params={"part_id": "M-2", "station": "line5"},
+        )
+        msgs = [received.get(timeout=10), received.get(timeout=10)]
+    by_topic = {m.topic: (m.qos, InspectionResult.model_validate_json(m.payload)) for m in msgs}
     qos, first = by_topic["inspection/line4/verdict"]
     assert qos == 1 and first.request_id == ok.json()["request_id"] and first.verdict == "reject"
     qos, held = by_topic["inspection/line5/verdict"]

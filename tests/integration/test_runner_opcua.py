@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from asyncua import Client, ua
+from asyncua.common.subscription import Subscription
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -124,6 +125,21 @@ class _Events:
     def event_notification(self, event):
         self.events.append(event)
 
+    async def wait_for(self, count: int, tries: int) -> None:
+        """Until `count` events came, polling `tries` times 50 ms apart (the test then checks what came)."""
+        for _ in range(tries):
+            if len(self.events) >= count:
+                break
+            await asyncio.sleep(0.05)
+
+
+async def _subscribe_results(c: Client, n: _Nodes) -> tuple[Subscription, _Events]:
+    """A subscription to the station's ResultReady events, and the handler that collects them."""
+    handler = _Events()
+    sub = await c.create_subscription(20, handler)
+    await sub.subscribe_events(n.station, c.get_node(ua.NodeId("ResultReadyEventType", n.idx)))
+    return sub, handler
+
 
 def test_inspect_by_bytes_and_by_path_return_verdict_and_write_result(runner, client_cert):
     rt, http, port, images = runner
@@ -134,9 +150,7 @@ def test_inspect_by_bytes_and_by_path_return_verdict_and_write_result(runner, cl
     async def main():
         c, n = await _session(port, client_cert, rt)
         try:
-            handler = _Events()
-            sub = await c.create_subscription(20, handler)
-            await sub.subscribe_events(n.station, c.get_node(ua.NodeId("ResultReadyEventType", n.idx)))
+            sub, handler = await _subscribe_results(c, n)
             assert await _eventually(n.node("State"), "Ready")  # follows the model within opcua.state_poll_s
             assert await n.node("ModelVersion").read_value() == "fake-1"
             assert await n.node("Provider").read_value() == "FakeExecutionProvider"
@@ -146,10 +160,7 @@ def test_inspect_by_bytes_and_by_path_return_verdict_and_write_result(runner, cl
             after_bytes = await n.result()
             by_path = await n.call("Inspect", "P-101", str(images / "part-17.png"))
             after_path = await n.result()
-            for _ in range(50):
-                if len(handler.events) >= 2:
-                    break
-                await asyncio.sleep(0.05)
+            await handler.wait_for(2, tries=50)
             await sub.delete()
             return before, by_bytes, after_bytes, by_path, after_path, handler.events
         finally:
@@ -198,15 +209,10 @@ def test_result_counter_increments_once_per_part_under_4_concurrent_clients(runn
     async def main():
         c, n = await _session(port, client_cert, rt)
         try:
-            handler = _Events()
-            sub = await c.create_subscription(20, handler)
-            await sub.subscribe_events(n.station, c.get_node(ua.NodeId("ResultReadyEventType", n.idx)))
+            sub, handler = await _subscribe_results(c, n)
             before = await n.node("Result/ResultCounter").read_value()
             results = await asyncio.gather(*(plc(k) for k in range(4)))
-            for _ in range(100):
-                if len(handler.events) >= 4 * per_client:
-                    break
-                await asyncio.sleep(0.05)
+            await handler.wait_for(4 * per_client, tries=100)
             after = await n.node("Result/ResultCounter").read_value()
             await sub.delete()
             return before, results, after, handler.events

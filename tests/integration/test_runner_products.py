@@ -15,8 +15,8 @@ import pytest
 
 from inspection.images import encode_png
 from inspection.registry import Registry
-from inspection.runner import RunnerConfig, Runtime, create_app
-from inspection.runner.config import AuthConfig, BatchingConfig, SwapConfig
+from inspection.runner import Runtime, create_app
+from inspection.runner.config import BatchingConfig, SwapConfig
 from tests.fixtures.serving import sample_frame, serve_in_thread, version_copy
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,14 +46,11 @@ def _wait(predicate, timeout: float = 60.0) -> bool:
     return True
 
 
-def test_two_products_one_swapped_under_load_while_the_other_keeps_serving(plant_registry, tmp_path):
-    cfg = RunnerConfig(
-        registry=plant_registry,
-        store=str(tmp_path / "store"),
+def test_two_products_one_swapped_under_load_while_the_other_keeps_serving(plant_registry, registry_runner_config):
+    cfg = registry_runner_config(
+        plant_registry,
+        TOKEN,
         station="line-2",
-        threads=1,
-        warmup_runs=1,
-        auth=AuthConfig(token=TOKEN),
         product=None,  # every request names its product: nothing is judged by a guess
         products=("impeller", "tile"),
         swap=SwapConfig(poll_s=0.1),

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Column, DateTime, Float, MetaData, String, Table, Text, create_engine, insert
+from sqlalchemy import Column, MetaData, Table, create_engine, insert
 from sqlalchemy import inspect as sa_inspect
 
-from inspection.decisions import DecisionStore, add_missing_columns
+from inspection.decisions import DecisionStore, add_missing_columns, inspections
 from inspection.images import decode_image, encode_png
 from inspection.runner import RunnerConfig, Runtime, create_app
 from inspection.runner.config import AuthConfig
@@ -123,28 +123,16 @@ def test_opcua_result_variables_carry_the_type():
 # -- the decision store ---------------------------------------------------------------------------------------
 
 
+ADDED_COLUMNS = ("product", "defect_type", "defect_type_probability")  # to `inspections` after the first release
+
+
 def _old_inspections_table(path: Path) -> None:
-    """The `inspections` table as the first release created it (no product, no defect type), with one row."""
+    """The `inspections` table as the first release created it (decisions.py's without the columns added since),
+    with one row."""
     old = MetaData()
-    table = Table(
-        "inspections",
-        old,
-        Column("request_id", String(64), primary_key=True),
-        Column("part_id", String(256), nullable=False, index=True),
-        Column("station", String(128), nullable=False, index=True),
-        Column("timestamp", DateTime(timezone=True), nullable=False, index=True),
-        Column("verdict", String(16), nullable=False, index=True),
-        Column("defect_score", Float, nullable=True),
-        Column("reject_threshold", Float, nullable=True),
-        Column("review_threshold", Float, nullable=True),
-        Column("model_version", String(128), nullable=True, index=True),
-        Column("latency_ms", Float, nullable=False),
-        Column("reason", Text, nullable=True),
-        Column("image_sha256", String(64), nullable=True, index=True),
-        Column("image_path", Text, nullable=True),
-        Column("heatmap_path", Text, nullable=True),
-        Column("source", String(16), nullable=False),
-    )
+    first = [c for c in inspections.columns if c.name not in ADDED_COLUMNS]
+    columns = [Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable, index=c.index) for c in first]
+    table = Table("inspections", old, *columns)
     engine = create_engine(f"sqlite:///{path}")
     old.create_all(engine)
     with engine.begin() as conn:
@@ -172,7 +160,7 @@ def test_an_old_store_gets_the_new_columns_when_opened(tmp_path):
     _old_inspections_table(db)
     store = DecisionStore(db)
     columns = {c["name"] for c in sa_inspect(store.engine).get_columns("inspections")}
-    assert {"product", "defect_type", "defect_type_probability"} <= columns
+    assert set(ADDED_COLUMNS) <= columns
     assert "ix_inspections_product" in {i["name"] for i in sa_inspect(store.engine).get_indexes("inspections")}
     old = store.get_inspection("old-1")
     assert old.verdict == "reject" and old.product is None and old.defect_type is None

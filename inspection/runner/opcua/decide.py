@@ -82,6 +82,15 @@ async def inspect_bytes(
     pid = part_id or "unknown"
     timeout = rt.config.batching.timeout_s
     product = rt.config.product_for_station(station)
+
+    async def hold(reason: str, message: str) -> InspectionResult:
+        """Store a `review` decision without a model verdict (the HTTP handler's `held`, without the HTTP)."""
+        result, stored = await rt.hold_part(SOURCE, reason, message, request_id, pid, station, t0, data, product)
+        if not stored:
+            return result.model_copy(update={"reason": f"store_error: {result.reason}"})
+        logger.warning("OPC UA request %s part %s held (%s): %s", request_id, pid, reason, message)
+        return result
+
     with rt.incoming.track():
         try:
             if held is not None:
@@ -97,12 +106,12 @@ async def inspect_bytes(
             pending = Pending(request_id, pid, station, t0, data, sha, SOURCE, product=slot.product)
             future = slot.batcher.submit(image, pending)
         except HeldPart as exc:
-            return await hold(rt, exc.reason, exc.message, request_id, pid, station, t0, data, product)
+            return await hold(exc.reason, exc.message)
         except ImageValidationError as exc:
-            return await hold(rt, exc.reason, exc.detail, request_id, pid, station, t0, data, product)
+            return await hold(exc.reason, exc.detail)
         except (NoModelError, OverloadedError) as exc:
             reason = "no_model" if isinstance(exc, NoModelError) else "overloaded"
-            return await hold(rt, reason, str(exc), request_id, pid, station, t0, data, product)
+            return await hold(reason, str(exc))
     waiting = asyncio.wrap_future(future)
     try:
         try:
@@ -111,43 +120,16 @@ async def inspect_bytes(
             if pending.claim():  # as in HTTP: the worker has not taken it, so it is held and the worker skips it
                 future.cancel()
                 msg = f"no model verdict within {timeout} s"
-                return await hold(rt, "timeout", msg, request_id, pid, station, t0, data, product)
+                return await hold("timeout", msg)
             decided = await waiting  # the worker owns it and is storing its verdict right now
     except NoModelError as exc:
-        return await hold(rt, "no_model", str(exc), request_id, pid, station, t0, data, product)
+        return await hold("no_model", str(exc))
     except Exception as exc:  # the model failed on this batch: hold the part
         msg = f"{type(exc).__name__}: {exc}"[:500]
-        return await hold(rt, "model_error", msg, request_id, pid, station, t0, data, product)
+        return await hold("model_error", msg)
     if decided is None:  # cannot happen: only a part claimed by a timeout is skipped, and that one returned
         raise RuntimeError(f"request {request_id}: the worker skipped a part nobody held")
     if not decided.stored:
         reason = "store_error: the decision could not be stored; the part is held"
         return decided.result.model_copy(update={"verdict": Verdict.review, "reason": reason})
     return decided.result
-
-
-async def hold(
-    rt: Runtime,
-    reason: str,
-    message: str,
-    request_id: str,
-    part_id: str,
-    station: str,
-    t0: float,
-    data: bytes,
-    product: str | None = None,
-) -> InspectionResult:
-    """Store a `review` decision without a model verdict (the HTTP handler's `held`, without the HTTP)."""
-    sha = hashlib.sha256(data).hexdigest() if data else None
-    result = rt.decide(request_id, part_id, station, t0, None, f"{reason}: {message}", sha, product)
-    rt.metrics.errors.labels(reason).inc()
-    keep = data if data and len(data) <= rt.config.image_limits.max_bytes else None  # QA sees what came
-    try:
-        await asyncio.to_thread(rt.store_hold, result, keep, SOURCE, t0)  # without the image if it cannot fit
-    except Exception:
-        logger.exception("decision store write failed for held request %s", request_id)
-        rt.metrics.errors.labels("store").inc()
-        return result.model_copy(update={"reason": f"store_error: {result.reason}"})
-    rt.after_record(result, SOURCE)
-    logger.warning("OPC UA request %s part %s held (%s): %s", request_id, part_id, reason, message)
-    return result

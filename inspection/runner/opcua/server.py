@@ -86,6 +86,12 @@ OUTPUTS: tuple[tuple[str, ua.VariantType, str], ...] = (
     ("ResultCounter", V.UInt32, "the ResultCounter value this result was written with"),
     ("Timestamp", V.DateTime, "when the verdict was given (UTC)"),
 )
+# what each method takes, in order: the part id, then the image file's path (Inspect) or its bytes (InspectImage)
+_PART_ID = ("PartId", V.String, "part id (1-256 letters, digits, ._-:/#)")
+INPUTS: dict[str, tuple[tuple[str, ua.VariantType, str], ...]] = {
+    "Inspect": (_PART_ID, ("ImagePath", V.String, "image file the camera wrote, under opcua.image_roots")),
+    "InspectImage": (_PART_ID, ("Image", V.ByteString, "the encoded image file (JPEG, PNG, BMP, TIFF)")),
+}
 STATE_FIELDS: tuple[tuple[str, ua.VariantType, Any], ...] = (
     ("State", V.String, "Error"),  # Error until a verified model serves
     ("StateCode", V.Int32, STATE_CODES["Error"]),
@@ -312,26 +318,14 @@ class OpcUaServer:
         for var, vtype, value in STATE_FIELDS:
             node_id, qname = ua.NodeId(f"{name}/{var}", idx), ua.QualifiedName(var, idx)
             st.state[var] = await st.obj.add_variable(node_id, qname, value, vtype)
-        await st.obj.add_method(
-            ua.NodeId(f"{name}/Inspect", idx),
-            ua.QualifiedName("Inspect", idx),
-            self._inspect_path,
-            [
-                _argument("PartId", V.String, "part id (1-256 letters, digits, ._-:/#)"),
-                _argument("ImagePath", V.String, "image file the camera wrote, under opcua.image_roots"),
-            ],
-            [_argument(*o) for o in OUTPUTS],
-        )
-        await st.obj.add_method(
-            ua.NodeId(f"{name}/InspectImage", idx),
-            ua.QualifiedName("InspectImage", idx),
-            self._inspect_image,
-            [
-                _argument("PartId", V.String, "part id (1-256 letters, digits, ._-:/#)"),
-                _argument("Image", V.ByteString, "the encoded image file (JPEG, PNG, BMP, TIFF)"),
-            ],
-            [_argument(*o) for o in OUTPUTS],
-        )
+        for method, handler in (("Inspect", self._inspect_path), ("InspectImage", self._inspect_image)):
+            await st.obj.add_method(
+                ua.NodeId(f"{name}/{method}", idx),
+                ua.QualifiedName(method, idx),
+                handler,
+                [_argument(*i) for i in INPUTS[method]],
+                [_argument(*o) for o in OUTPUTS],
+            )
         result = await st.obj.add_object(ua.NodeId(f"{name}/Result", idx), ua.QualifiedName("Result", idx))
         for var, vtype, value, description in RESULT_FIELDS:
             node = await result.add_variable(
