@@ -1,11 +1,12 @@
-"""Benchmark: other readings of the frozen network on a new part type, on the recipe's own folds by part.
+"""Benchmark: other readings of the frozen network on a new part type, on one set of grouped folds by part.
 
     nice .venv/bin/python bench/tile_heads.py --data STORE [--size 224] [--resize squash] [--bank 20000] [--out F.json]
 
 Why it exists: on the synthetic tiles the default recipe (a linear head on average-pooled tapped stages) stays at
 OOF ROC-AUC ~0.90, short of the 0.99 target, and a tile's defects are small and local while an average pool
 spreads them over the whole frame. Two alternatives that favour small local evidence, each with frozen
-ImageNet EfficientNet-Lite0 features of stages 2-6 + the last features, grouped stratified 5-fold CV by part:
+ImageNet EfficientNet-Lite0 features of stages 2-6 + the last features, grouped stratified 5-fold CV by part
+(scikit-learn's StratifiedGroupKFold, seed 0: the same folds for every reading, not the recipe's own):
 - pooled heads: the same L2 logistic regression (standardised, C = 0.01, balanced) on the maps' average, max,
   generalised mean (p = 3) and standard deviation, alone and concatenated;
 - a patch memory (PatchCore-like, without the coreset): 3x3-averaged patches of stages 2 and 4 (stage 4
