@@ -467,20 +467,17 @@ def _group_and_split(
         desc = np.stack([desc_of[s] for s in shas])
         if config.near_dup_neighbours <= 0:
             labels_m = np.arange(len(shas))
-        elif method == dedup.IMPELLER:
-            labels_m = dedup.group_near_duplicates(
-                desc,
-                lambda i, shas=shas: signature_of(shas[i]),
-                config.near_dup_max_distance,
-                config.near_dup_min_similarity,
-                config.near_dup_neighbours,
-            )
         else:
-            labels_m = dedup.group_general(
+            group, max_distance, min_similarity = (
+                (dedup.group_near_duplicates, config.near_dup_max_distance, config.near_dup_min_similarity)
+                if method == dedup.IMPELLER
+                else (dedup.group_general, config.near_dup_general_max_distance, config.near_dup_general_min_similarity)
+            )
+            labels_m = group(
                 desc,
                 lambda i, shas=shas: signature_of(shas[i]),
-                config.near_dup_general_max_distance,
-                config.near_dup_general_min_similarity,
+                max_distance,
+                min_similarity,
                 config.near_dup_neighbours,
             )
         comp.update({s: shas[int(c)] for s, c in zip(shas, labels_m, strict=True)})

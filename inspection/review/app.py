@@ -323,8 +323,9 @@ def create_app(config: ReviewConfig, store: DecisionStore | None = None) -> Fast
         kind = str(form.get("defect_type") or "") or None
         card_types: tuple[str, ...] = ()
         if kind and web.types.registry is not None:  # the part's model may name types the store has not seen yet
-            row = store.get_row(request_id)
-            card_types = web.types.card_types(row["model_version"] if row else None)
+            # the model the page offered the types of: the part's (its worst photo's), not the named photo's
+            shown = parts.part_of(store, request_id, window)
+            card_types = web.types.card_types(shown.model_version if shown else None)
         try:
             parts.record_part_decision(
                 store,

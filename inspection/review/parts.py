@@ -59,6 +59,11 @@ class PartConflict(ReviewError):
     """The part changed since the reviewer loaded it (a decision by someone else, or a new photo)."""
 
 
+def _severity(photo: Photo) -> tuple[int, float]:
+    """Reject before review, then the higher score: how the part's photos are ranked."""
+    return _VERDICT_RANK.get(photo.verdict, 0), photo.defect_score or -1.0
+
+
 @dataclass(frozen=True)
 class Photo(QueueItem):
     """One flagged photo of a part, with its effective decision (the queue item's fields), and what the part's
@@ -106,7 +111,7 @@ class Part:
     @property
     def worst(self) -> Photo:
         """The photo the model is most sure is defective (reject before review, then the higher score)."""
-        return max(self.photos, key=lambda p: (_VERDICT_RANK.get(p.verdict, 0), p.defect_score or -1.0))
+        return max(self.photos, key=_severity)
 
     @property
     def verdict(self) -> str:
@@ -146,10 +151,9 @@ class Part:
     def typed_photo(self) -> Photo | None:
         """The photo whose model type stands for the part: the worst photo (the one behind the verdict), else the
         highest-scoring photo that has a type (a re-shot judged by a typed model); None when none has one."""
-        typed = [p for p in self.photos if p.predicted_type]
-        if self.worst.predicted_type or not typed:
-            return self.worst if self.worst.predicted_type else None
-        return max(typed, key=lambda p: (_VERDICT_RANK.get(p.verdict, 0), p.defect_score or -1.0))
+        if self.worst.predicted_type:
+            return self.worst
+        return max((p for p in self.photos if p.predicted_type), key=_severity, default=None)
 
     @property
     def predicted_type(self) -> str | None:

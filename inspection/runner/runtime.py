@@ -53,6 +53,10 @@ STORE_MIN_FREE_BYTES = 4 << 20
 FLAGGED = KEEP_VERDICTS  # review / reject: the parts a defect type is answered for
 
 
+class StoreShortOfSpace(OSError):
+    """Parts held without trying the store: it failed for space and its filesystem has not recovered yet."""
+
+
 @dataclass(frozen=True)
 class Pending:
     """An HTTP part handed to the batcher with its frame: the worker decides and stores it right after the model.
@@ -278,7 +282,8 @@ class Runtime:
         budget = self.write_budget(min((pending[i].t0 for i in owned), default=time.perf_counter()))
         try:
             if owned and self.hold_until_space and not self._space_back():
-                raise OSError(errno.ENOSPC, f"the decision store is still short of space ({self.store_error})")
+                why = f"the decision store is still short of space ({self.store_error})"
+                raise StoreShortOfSpace(errno.ENOSPC, why)
             self.store.record_many(
                 [(results[i], pending[i].data, preds[i].heatmap, pending[i].source) for i in owned], timeout_s=budget
             )
@@ -327,7 +332,7 @@ class Runtime:
             self.hold_until_space = True
             if not store_full(exc):
                 logger.warning("store failure not recognised as a full disk; holding parts until space is checked")
-        if not (isinstance(exc, OSError) and "still short of space" in str(exc)):  # keep the first cause
+        if not isinstance(exc, StoreShortOfSpace):  # keep the first cause
             self.store_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         if parts:
             logger.error("decision store write failed (%d parts held as review): %s", parts, self.store_error)
@@ -366,8 +371,8 @@ class Runtime:
         try:
             self.store.record_inspection(result, data, None, source, timeout_s=self.write_budget(t0))
         except Exception as exc:
+            self.store_failed(exc, 0)  # as for a batch: a full disk holds every part until space is back
             if not data or store_busy(exc):
-                self.store_failed(exc, 0)
                 raise
             logger.warning("held %s: storing it without its image (%s)", result.request_id, exc)
             try:

@@ -23,7 +23,7 @@ import torch
 
 from inspection.config import save_config
 from inspection.errors import ConfigError, DataError
-from inspection.models import CLASS_NAMES
+from inspection.models import CLASS_NAMES, InspectionNet
 from inspection.schemas import Metrics, ModelCard, Thresholds
 from inspection.train.calibrate import calibrate_threshold, calibration_report
 from inspection.train.config import TrainConfig
@@ -141,6 +141,15 @@ def select_pool(samples: Sequence[Any], config: TrainConfig) -> tuple[list[Any],
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+def _prepared_net(config: TrainConfig, device: torch.device) -> InspectionNet:
+    """The pretrained network of `config` on `device`, frozen as its mode says."""
+    net = build_net_for(config).to(device)
+    if device.type == "cuda" and config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    apply_freeze(net, config)
+    return net
+
+
 def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out: Path | str) -> TrainResult:
     """Train per `config` on `data` (store, manifest, image folder or a list of samples) into run directory `out`."""
     from inspection.train.plots import plot_history, write_eval_plots
@@ -167,26 +176,23 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     device = select_device(config)
-    net = build_net_for(config).to(device)
-    if device.type == "cuda" and config.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    apply_freeze(net, config)
 
     t_start = time.perf_counter()
     auto = None
-    if config.mode == "auto":
+    if config.mode == "auto":  # each candidate builds its own network; the winner's is the run's
         from inspection.train.auto import run_auto
 
         if not pool:
             raise DataError(f"no labelled photos to train on in {data} (after {excluded})")
         splits = {"train": pool, "val": [], "test": []}
-        size_hw = loader_size(pool, net.preprocess.config)
         fitted, config, net, auto = run_auto(config, pool, device, out, generator)
+        size_hw = loader_size(pool, net.preprocess.config)  # the winner's input (its size and resize)
         save_config(config, out / "config.yaml")  # the resolved recipe: what export and later runs read
     elif config.validation == "crossfit":
         if not pool:
             raise DataError(f"no labelled photos to train on in {data} (after {excluded})")
         splits = {"train": pool, "val": [], "test": []}
+        net = _prepared_net(config, device)
         size_hw = loader_size(pool, net.preprocess.config)
         logger.info("data: %d photos (%d defect) of %d parts", len(pool), int(targets_of(pool).sum()), _n_parts(pool))
         fitted = fit_crossfit(net, config, pool, size_hw, device, out, generator)
@@ -195,6 +201,7 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
         logger.info(
             "data: %s", ", ".join(f"{k} {len(v)} ({int(targets_of(v).sum())} defect)" for k, v in splits.items())
         )
+        net = _prepared_net(config, device)
         size_hw = loader_size([s for items in splits.values() for s in items], net.preprocess.config)
         fitted = fit_split(net, config, splits, size_hw, device, out, generator)
     fit_seconds = time.perf_counter() - t_start

@@ -154,7 +154,9 @@ def test_a_run_on_typed_folders_learns_the_types(typed_run) -> None:
     card = typed_run.card
     assert card.defect_types == ["blowhole", "crack"]
     assert card.type_metrics["photos_per_type"] == {"blowhole": 12, "crack": 12}
-    assert 0 <= card.type_metrics["oof_accuracy"]["photo"]["value"] <= 1
+    confusion = np.asarray(card.type_metrics["oof_confusion"])  # the 24 typed photos, each scored out of fold once
+    assert confusion.sum() == 24
+    assert card.type_metrics["oof_accuracy"]["photo"]["value"] == pytest.approx(np.trace(confusion) / 24)
 
 
 # ------------------------------------------------------------------------------------------------ QA -> labels

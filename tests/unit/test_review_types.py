@@ -31,7 +31,7 @@ def _photo(store: DecisionStore, rid: str, kind: str | None, p: float | None = N
         station="line-1",
         timestamp=NOW + timedelta(minutes=minutes),
         verdict=kw.get("verdict", Verdict.reject),
-        defect_score=0.9,
+        defect_score=kw.get("score", 0.9),
         thresholds=Thresholds(reject=0.6, review=0.3),
         model_version=kw.get("model_version", "v-typed"),
         latency_ms=4.0,
@@ -128,6 +128,49 @@ def test_the_registry_card_names_types_the_store_has_not_seen(typed_app, tmp_pat
     assert {lab.defect_type for lab in q.reviewed_labels(store)} == {"porosity"}
 
 
+def test_a_part_takes_the_types_of_its_worst_photos_model_when_qa_decides_it(typed_app, tmp_path: Path) -> None:
+    """The page offers the part's model's card types (its worst photo's model); a decision posted from the part's
+    first photo, shot under another model, must accept them too."""
+    app, store = typed_app
+    _write_card(tmp_path / "registry", "v-typed", ["porosity", "crack"])
+    _photo(store, "k1", None, minutes=5, part_id="part-k", verdict=Verdict.review, model_version="v-plain")
+    _photo(store, "k2", "crack", 0.7, minutes=6, part_id="part-k", verdict=Verdict.reject)
+    config = ReviewConfig(
+        store=str(store.media_dir), password_time_cost=1, password_memory_kib=1024, registry=str(tmp_path / "registry")
+    )
+    client, token = login(create_app(config, store=store))
+    part = parts.part_of(store, "k1")
+    assert part is not None and part.model_version == "v-typed"  # the reject photo's model
+    assert "porosity" in _choices(client.get("/parts/k1").text)
+    r = client.post(
+        "/parts/k1/decision",
+        data={"csrf_token": token, "action": "confirm_defect", "defect_type": "porosity", "seen": part.seen()},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    assert {lab.defect_type for lab in q.reviewed_labels(store)} == {"porosity"}
+
+
+def _write_card(registry: Path, version: str, types: list[str]) -> None:
+    from inspection.schemas import ModelCard
+
+    card = ModelCard(
+        version=version,
+        created_at=NOW,
+        backbone="test",
+        mode="head",
+        class_names=["ok", "defect"],
+        preprocess={},
+        thresholds=Thresholds(reject=0.6, review=0.3),
+        target_escape_rate=0.005,
+        data_fingerprint="x",
+        n_train=10,
+        defect_types=types,
+    )
+    (registry / "versions" / version).mkdir(parents=True)
+    (registry / "versions" / version / "model_card.json").write_text(card.model_dump_json())
+
+
 def _decided_store(store: DecisionStore) -> None:
     """Six flagged photos with the model's types; QA decides five of them."""
     for i, kind in enumerate(["crack", "crack", "blowhole", "crack", None, "blowhole"]):
@@ -183,11 +226,12 @@ def test_a_part_of_several_photos_takes_the_type_of_its_worst_typed_photo(tmp_pa
     store = DecisionStore(tmp_path / "store")
     try:
         _photo(store, "m1", None, part_id="part-m", verdict=Verdict.reject)  # held by an untyped model
-        _photo(store, "m2", "crack", 0.6, minutes=1, part_id="part-m", verdict=Verdict.review)
-        _photo(store, "m3", "blowhole", 0.9, minutes=2, part_id="part-m", verdict=Verdict.review)
+        _photo(store, "m2", "crack", 0.6, minutes=1, part_id="part-m", verdict=Verdict.review, score=0.85)
+        _photo(store, "m3", "blowhole", 0.9, minutes=2, part_id="part-m", verdict=Verdict.review, score=0.5)
         part = parts.part_of(store, "m1")
         assert part is not None and len(part.photos) == 3 and part.worst.request_id == "m1"
-        assert (part.predicted_type, part.predicted_type_probability) in {("crack", 0.6), ("blowhole", 0.9)}
+        # the highest-scoring typed photo stands for the part, not the likelier type
+        assert (part.predicted_type, part.predicted_type_probability) == ("crack", 0.6)
         _photo(store, "n1", "crack", 0.7, part_id="part-n", verdict=Verdict.reject)
         _photo(store, "n2", "blowhole", 0.9, minutes=1, part_id="part-n", verdict=Verdict.review)
         assert parts.part_of(store, "n1").predicted_type == "crack"  # the reject photo's type, not the likelier one

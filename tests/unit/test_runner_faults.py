@@ -71,6 +71,22 @@ def test_verdict_whose_image_does_not_fit_is_held_as_stored_review_not_lost(tmp_
         assert c.get("/readyz").json()["degraded"] is False
 
 
+def test_held_part_whose_image_does_not_fit_holds_later_verdicts_until_space_is_back(tmp_path, monkeypatch):
+    """A bad image held as `review` whose bytes hit a full disk is stored without them, and, as when a batch's
+    write fails, the runner then holds every part until the store has space again (no verdict slips through)."""
+    cfg, rt = _runtime(tmp_path)
+    monkeypatch.setattr(rt.store, "_save_image", _disk_full)
+    monkeypatch.setattr(rt, "_space_back", lambda: False)  # the filesystem stays full
+    with TestClient(create_app(cfg, rt)) as c:
+        r = _post(c, b"\xff\xd8 not a whole jpeg")
+        assert r.status_code == 415 and r.json()["result"]["verdict"] == "review"
+        row = rt.store.get_row(r.json()["result"]["request_id"])
+        assert row is not None and row["image_path"] is None  # stored without the bytes that did not fit
+        assert rt.hold_until_space
+        r = _post(c, PASS_FRAME, "P-2")  # a good frame now: no verdict while the store is short of space
+        assert r.status_code == 503 and r.json()["result"]["verdict"] == "review"
+
+
 def test_pass_never_answered_when_the_database_is_full(tmp_path):
     """SQLite says 'database or disk is full' for the batch: the pass becomes a stored `review` hold (503)."""
     cfg, rt = _runtime(tmp_path)
@@ -262,7 +278,10 @@ def test_watcher_survives_an_unreadable_share_and_follows_the_alias_after(tmp_pa
     sw.start(initial=False)
     try:
         gone.set()
-        time.sleep(0.3)
+        deadline = time.time() + 5  # until the watcher has polled the unreadable share at least once
+        while not sw.degraded_reasons() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # and polled again after the error: it must still be alive
         assert sw._thread.is_alive(), "the hot-swap watcher died on the share's OSError"
         assert holder.current.version == "v1"
         assert sw.degraded_reasons() and "cannot be read" in sw.degraded_reasons()[0]
