@@ -16,7 +16,7 @@ batch frames of one size) and for tests; `content_box` says where the frame lies
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -90,11 +90,7 @@ def preprocess_for(
 ) -> PreprocessConfig:
     """Preprocessing of `backbone`'s weights; other timm backbones default to ImageNet statistics."""
     base = WEIGHTS_PREPROCESS.get(backbone, IMAGENET_PREPROCESS)
-    if input_size is not None and input_size != base.input_size:
-        base = PreprocessConfig(input_size=input_size, mean=base.mean, std=base.std)
-    if resize != base.resize:
-        base = PreprocessConfig(input_size=base.input_size, mean=base.mean, std=base.std, resize=resize)
-    return base
+    return replace(base, input_size=input_size or base.input_size, resize=resize)
 
 
 # ------------------------------------------------------------------------------------------------ letterbox

@@ -8,8 +8,6 @@ from inspection.errors import ConfigError
 from inspection.images import ImageLimits
 from inspection.ingest.labels import parse_label
 
-LABELS = ("ok", "defect")
-
 
 @dataclass(frozen=True)
 class IngestConfig:

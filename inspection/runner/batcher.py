@@ -4,9 +4,9 @@
 a batch that overlaps another is marked `busy`, so a CPU model runs it on its one-thread session). `submit`
 returns a `concurrent.futures.Future` (await it from asyncio with `asyncio.wrap_future`). A worker takes whatever
 is queued, up to `max_batch_size`; it waits up to `max_wait_ms` for more only while other requests are still being
-read/decoded (`incoming()`), so a single sequential client never pays the wait, and under load batches fill by
-themselves while the model is busy. The model is looked up once per batch: a hot swap takes effect between
-batches, never inside one.
+read/decoded (the `Incoming` counter the service shares), so a single sequential client never pays the wait,
+and under load batches fill by themselves while the model is busy. The model is looked up once per batch: a hot
+swap takes effect between batches, never inside one.
 
 `finish` (optional) runs in the worker right after the model call, on the frames submitted with a `context`:
 the runner decides and stores the whole batch there in one transaction (one commit per batch, no extra thread
@@ -130,10 +130,6 @@ class MicroBatcher:
                 item.future.set_exception(NoModelError("the runner is shutting down"))
 
     # -- producers -----------------------------------------------------------------------------------------
-
-    def incoming(self):
-        """Mark a request as being read/decoded, so the worker knows more frames are about to come."""
-        return self._incoming.track()
 
     @property
     def depth(self) -> int:

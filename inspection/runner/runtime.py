@@ -172,10 +172,6 @@ class Runtime:
     def swapper(self, value: HotSwapper | None) -> None:
         self.slot.swapper = value
 
-    @property
-    def drift(self) -> Any:
-        return self.slot.drift
-
     def resolve(self, requested: str | None, station: str) -> ProductSlot:
         """The slot for a part naming `requested` from `station` (ProductError: held, see products.py)."""
         return resolve_product(self.config, self.slots, requested, station)
