@@ -92,24 +92,8 @@ def test_part_page_preselects_the_predicted_type_with_its_probability_and_qa_can
 
 
 def test_the_registry_card_names_types_the_store_has_not_seen(typed_app, tmp_path: Path) -> None:
-    from inspection.schemas import ModelCard
-
     app, store = typed_app
-    card = ModelCard(
-        version="v-typed",
-        created_at=NOW,
-        backbone="test",
-        mode="head",
-        class_names=["ok", "defect"],
-        preprocess={},
-        thresholds=Thresholds(reject=0.6, review=0.3),
-        target_escape_rate=0.005,
-        data_fingerprint="x",
-        n_train=10,
-        defect_types=["porosity", "cold_shut", "crack"],
-    )
-    (tmp_path / "registry" / "versions" / "v-typed").mkdir(parents=True)
-    (tmp_path / "registry" / "versions" / "v-typed" / "model_card.json").write_text(card.model_dump_json())
+    _write_card(tmp_path / "registry", "v-typed", ["porosity", "cold_shut", "crack"])
     config = ReviewConfig(
         store=str(store.media_dir),
         password_time_cost=1,
