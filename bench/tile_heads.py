@@ -38,7 +38,9 @@ TAPS = (2, 3, 4, 5, 6)
 PATCH_STAGES = (0, 2)  # indices into the tapped maps: stages 2 and 4
 
 
-def frozen_readings(samples, size: int, resize: str) -> tuple[dict[str, np.ndarray], list, list]:
+def frozen_readings(
+    samples, size: int, resize: str, grid_cells: int | None = None
+) -> tuple[dict[str, np.ndarray], list, list]:
     """Per photo: pooled readings of every map (avg, max, gem, std), the patch rows for the memory, and every map
     on the heatmap's grid (C, g, g) in half precision for the multiple-instance head."""
     import torch
@@ -47,13 +49,22 @@ def frozen_readings(samples, size: int, resize: str) -> tuple[dict[str, np.ndarr
 
     from inspection.models.net import build_net
 
-    net = build_net(input_size=size, taps=TAPS, resize=resize).eval()
+    canvas = resize == "canvas"
+    net = build_net(input_size=size, taps=TAPS, resize="letterbox" if canvas else resize).eval()
     pooled: dict[str, list[np.ndarray]] = {"avg": [], "max": [], "gem": [], "std": []}
     patches, grids = [], []
-    cells = max(1, size // 16)
+    cells = grid_cells or max(1, size // 16)
     with torch.no_grad():
         for s in samples:  # one photo at a time: the tiles come in many sizes
-            image = torch.from_numpy(np.asarray(Image.open(s.path).convert("RGB")).copy())[None]
+            array = np.asarray(Image.open(s.path).convert("RGB"))
+            if canvas:  # onto a fixed size x size canvas, scale kept (larger frames would be scaled down)
+                h, w = array.shape[:2]
+                side = max(h, w, size)
+                top, left = (side - h) // 2, (side - w) // 2
+                padded = np.full((side, side, 3), 128, np.uint8)
+                padded[top : top + h, left : left + w] = array
+                array = padded
+            image = torch.from_numpy(array.copy())[None]
             maps = net.feature_maps_all(net.preprocess(image))
             pooled["avg"].append(torch.cat([m.mean((2, 3)) for m in maps], 1)[0].numpy())
             pooled["max"].append(torch.cat([m.amax((2, 3)) for m in maps], 1)[0].numpy())
@@ -63,7 +74,7 @@ def frozen_readings(samples, size: int, resize: str) -> tuple[dict[str, np.ndarr
             grid = maps[PATCH_STAGES[0]].shape[-1]
             local = [F.avg_pool2d(maps[i], 3, 1, 1) for i in PATCH_STAGES]
             local = [m if m.shape[-1] == grid else F.interpolate(m, size=(grid, grid), mode="bilinear") for m in local]
-            patches.append(torch.cat(local, 1)[0].flatten(1).T.contiguous())  # (grid * grid, C)
+            patches.append(torch.cat(local, 1)[0].flatten(1).T.contiguous().half())  # (grid * grid, C)
             on_grid = [
                 F.adaptive_avg_pool2d(m, cells)
                 if m.shape[-1] >= cells
@@ -74,8 +85,12 @@ def frozen_readings(samples, size: int, resize: str) -> tuple[dict[str, np.ndarr
     return {k: np.stack(v) for k, v in pooled.items()}, patches, grids
 
 
-def mil_scores(x_train, y_train, x_test, temperature: float, steps: int = 150, l2: float = 1e-3) -> np.ndarray:
-    """Fit the multiple-instance head on (N, C, g, g) maps, score the test maps (log-sum-exp pooled logits)."""
+def mil_scores(
+    x_train, y_train, x_test, temperature: float, steps: int = 150, l2: float = 1e-3, hidden: int = 0
+) -> np.ndarray:
+    """Fit the multiple-instance head on (N, C, g, g) maps, score the test maps (log-sum-exp pooled logits).
+
+    `hidden` > 0: each cell's logit comes from a small MLP (C -> hidden -> 1, ReLU) instead of a linear map."""
     import math
 
     import torch
@@ -85,18 +100,25 @@ def mil_scores(x_train, y_train, x_test, temperature: float, steps: int = 150, l
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-6
     x = (x - mean) / std
     target = torch.as_tensor(y_train, dtype=torch.float32)
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=1e-2)
+    c = x.shape[1]
+    if hidden:
+        cell = torch.nn.Sequential(torch.nn.Conv2d(c, hidden, 1), torch.nn.ReLU(), torch.nn.Conv2d(hidden, 1, 1))
+    else:
+        cell = torch.nn.Conv2d(c, 1, 1)
+        torch.nn.init.zeros_(cell.weight)
+    torch.nn.init.zeros_(cell[-1].bias if hidden else cell.bias)
+    opt = torch.optim.Adam(cell.parameters(), lr=1e-2 if not hidden else 3e-3)
     pos_weight = (target == 0).sum() / (target == 1).sum()
+    weights = [p for n, p in cell.named_parameters() if n.endswith("weight")]
 
     def score(maps):
-        local = torch.einsum("nchw,c->nhw", maps, w).flatten(1) + b
+        local = cell(maps).flatten(1)
         return (torch.logsumexp(temperature * local, 1) - math.log(local.shape[1])) / temperature
 
     for _ in range(steps):
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(score(x), target, pos_weight=pos_weight) + l2 * (w * w).sum()
+        loss = F.binary_cross_entropy_with_logits(score(x), target, pos_weight=pos_weight)
+        loss = loss + l2 * sum((w * w).sum() for w in weights)
         loss.backward()
         opt.step()
     with torch.no_grad():
@@ -113,7 +135,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="an ingested store (labels and part groups)")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--resize", choices=("squash", "letterbox"), default="squash")
+    parser.add_argument("--resize", choices=("squash", "letterbox", "canvas"), default="squash")
+    parser.add_argument("--grid", type=int, help="cells per side of the multiple-instance grid (size // 16)")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-pooled", action="store_true")
+    parser.add_argument("--mil-hidden", type=int, default=0, help="cells scored by an MLP of this width")
+    parser.add_argument("--mil-steps", type=int, default=150)
     parser.add_argument("--bank", type=int, default=20000, help="patches kept in the good-part memory")
     parser.add_argument("--mil", type=float, nargs="*", default=[], help="multiple-instance head temperatures")
     parser.add_argument("--out", type=Path)
@@ -136,7 +163,8 @@ def main() -> None:
     groups = np.array([s.group_id for s in samples])
     folds = list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(np.zeros(len(y)), y, groups))
     t0 = time.perf_counter()
-    pooled, patches, grids = frozen_readings(samples, args.size, args.resize)
+    pooled, patches, grids = frozen_readings(samples, args.size, args.resize, args.grid)
+    logger.info("frozen pass %.1f s", time.perf_counter() - t0)
     frozen_s = time.perf_counter() - t0
 
     def pooled_cv(x: np.ndarray) -> np.ndarray:
@@ -151,11 +179,11 @@ def main() -> None:
     def memory_cv() -> np.ndarray:
         oof = np.zeros(len(y))
         for train, test in folds:
-            good = torch.cat([patches[i] for i in train if y[i] == 0])
+            good = torch.cat([patches[i] for i in train if y[i] == 0]).float()
             bank = good[torch.randperm(len(good))[: args.bank]]
             bank_sq = (bank * bank).sum(1)
             for i in test:
-                f = patches[i]
+                f = patches[i].float()
                 d2 = (f * f).sum(1)[:, None] - 2 * f @ bank.T + bank_sq[None]
                 oof[i] = d2.min(1).values.clamp(min=0).sqrt().max().item()
         return oof
@@ -173,16 +201,22 @@ def main() -> None:
         auc = float(roc_auc_score(y, oof))
         return {"oof_roc_auc": round(auc, 4), "frr_at_0.5pct": round(frr_at_escapes(oof, y), 3)}
 
-    rows = {name: figures(pooled_cv(x)) for name, x in readings.items()}
-    t1 = time.perf_counter()
-    memory = figures(memory_cv())
-    rows[f"patch memory ({args.bank} good patches)"] = {**memory, "cv_s": round(time.perf_counter() - t1, 1)}
+    rows = {} if args.skip_pooled else {name: figures(pooled_cv(x)) for name, x in readings.items()}
+    logger.info("pooled: %s", rows)
+    if not args.skip_memory:
+        t1 = time.perf_counter()
+        memory = figures(memory_cv())
+        rows[f"patch memory ({args.bank} good patches)"] = {**memory, "cv_s": round(time.perf_counter() - t1, 1)}
+        logger.info("memory: %s", rows)
     maps = torch.stack(grids) if args.mil else None
     for temperature in args.mil:
         t1, oof = time.perf_counter(), np.zeros(len(y))
         for train, test in folds:
-            oof[test] = mil_scores(maps[train], y[train], maps[test], temperature)
-        rows[f"multiple-instance head, log-sum-exp r={temperature:g}"] = {
+            oof[test] = mil_scores(
+                maps[train], y[train], maps[test], temperature, steps=args.mil_steps, hidden=args.mil_hidden
+            )
+            logger.info("mil fold done %.0f s", time.perf_counter() - t1)
+        rows[f"multiple-instance head, log-sum-exp r={temperature:g}, hidden {args.mil_hidden}"] = {
             **figures(oof),
             "cv_s": round(time.perf_counter() - t1, 1),
         }

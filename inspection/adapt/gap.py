@@ -38,9 +38,9 @@ def features_and_scores(
     net.eval()
     feats, probs, kept = [], [], []
     for idx, x in iter_input_batches(net, items, batch_size):
-        pooled = net.pooled_from_input(x)  # (B, D): what the head reads
-        feats.append(pooled.numpy())
-        probs.append(torch.sigmoid(net.logits_from_pooled(pooled)).numpy())
+        maps = net.feature_maps_all(x)
+        feats.append(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1).numpy())  # (B, D): the pooled maps
+        probs.append(torch.sigmoid(net.logits_from_maps(maps)).numpy())  # as the head pools them (mean or lse)
         kept.append(idx)
     if not feats:
         raise DataError("no image could be read to compute features")

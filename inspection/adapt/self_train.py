@@ -91,7 +91,7 @@ def fit_on(
             for start in range(0, len(y), batch_size):
                 idx = order[start : start + batch_size]
                 x = _augment(x_all[idx], generator)
-                logits = net.logits_from_pooled(net.pooled_from_input(x))
+                logits = net.logits_from_input(x)
                 loss = loss_fn(logits, y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

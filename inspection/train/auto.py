@@ -33,6 +33,7 @@ from inspection.train.crossfit import part_folds
 from inspection.train.data import image_size, targets_of
 from inspection.train.fitting import CrossFitter, Fitted
 from inspection.train.loop import apply_freeze, build_net_for
+from inspection.train.mil import grid_cache_gb
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Candidate:
     mode: str
     input_size: int
     resize: str = "squash"
+    pooling: str = "mean"  # head: average-pooled maps, or the multiple-instance head (lse)
     trainable_blocks: int | None = None  # partial: None = the config's
     estimated_s: float | None = None
     seconds: float | None = None
@@ -123,6 +125,13 @@ def _step_seconds(fitter: CrossFitter, batch: int = 32, steps: int = 5) -> float
     return (time.perf_counter() - t0) / (steps * batch)
 
 
+def _name(cand: Candidate) -> str:
+    blocks = f"-{cand.trainable_blocks}stages" if cand.trainable_blocks else ""
+    return f"{cand.mode}-{cand.input_size}{'-' + cand.resize if cand.resize != 'squash' else ''}" + (
+        f"{'-lse' if cand.pooling == 'lse' else ''}{blocks}"
+    )
+
+
 def run_auto(
     config: TrainConfig, pool: Sequence[Any], device: torch.device, out: Path, generator: torch.Generator
 ) -> tuple[Fitted, TrainConfig, Any, AutoReport]:
@@ -142,26 +151,38 @@ def run_auto(
 
     sizes = sorted({native, cam})
     resize = config.resize
-    plan = [Candidate(f"head-{s}", "head", s, resize) for s in sizes if "head" in config.auto_modes]
+    plan = [Candidate("head", "head", s, resize) for s in sizes if "head" in config.auto_modes]
     square = abs(np.log(aspect(pool))) < 0.05
     if not square and "head" in config.auto_modes:  # non-square photos: keep the aspect, or squash to the square?
         other = "letterbox" if resize == "squash" else "squash"
-        plan.append(Candidate(f"head-{cam}-{other}", "head", cam, other))
-    if "partial" in config.auto_modes:
-        plan.append(Candidate(f"partial-{cam}", "partial", cam, resize))
+        plan.append(Candidate("head", "head", cam, other))
+    if "head" in config.auto_modes:  # small local defects: the multiple-instance head, at the best head's input
+        plan.append(Candidate("head-lse", "head", cam, resize, pooling="lse"))
+    if "partial" in config.auto_modes:  # at the best head's input and pooling (named when they are known)
         if config.trainable_blocks < 2:  # small defects often need the last two stages (demo castings: 0.968 -> 0.995)
-            plan.append(Candidate(f"partial-{cam}-2stages", "partial", cam, resize, trainable_blocks=2))
+            plan.append(Candidate("partial-2stages", "partial", cam, resize, trainable_blocks=2))
+        plan.append(Candidate("partial", "partial", cam, resize))
     report = AutoReport(config.auto_budget_s, config.target_escape_rate, cam, plan)
     best: tuple[tuple[float, float, int], Candidate, CrossFitter, TrainConfig] | None = None
     px_rate: float | None = None  # frozen-pass seconds per image per input pixel, from the candidates run so far
     n = len(pool)
     for cand in plan:
         if cand.mode == "partial" and best is not None:
-            cand.resize = best[3].resize  # fine-tune with the preprocessing the heads found better
-        cfg = replace(config, mode=cand.mode, input_size=cand.input_size, resize=cand.resize)
+            # fine-tune what the heads found better: their input size, preprocessing and pooling
+            cand.input_size, cand.resize, cand.pooling = best[3].input_size, best[3].resize, best[3].head_pooling
+        if cand.pooling == "lse" and cand.mode == "head" and best is not None:
+            cand.input_size, cand.resize = best[3].input_size, best[3].resize
+        cand.name = _name(cand)
+        cfg = replace(config, mode=cand.mode, input_size=cand.input_size, resize=cand.resize, head_pooling=cand.pooling)
         if cand.mode == "partial":
             cfg = replace(cfg, partial_cache=True, trainable_blocks=cand.trainable_blocks or cfg.trainable_blocks)
         net = build_net_for(cfg).to(device)
+        if cand.pooling == "lse" and (gb := grid_cache_gb(net, n)) > config.max_cache_gb:
+            cand.status = "skipped"
+            cand.reason = f"its grid features would take {gb:.1f} GiB in memory (max_cache_gb {config.max_cache_gb:g})"
+            logger.info("auto: %s skipped (%s)", cand.name, cand.reason)
+            del net
+            continue
         apply_freeze(net, cfg)
         size_hw = loader_size(pool, loader_preprocess(cfg))  # letterbox: each candidate's own square input
         fitter = CrossFitter(net, cfg, pool, size_hw, device, folds=folds)

@@ -68,6 +68,11 @@ class TrainConfig:
     folds: int = 5  # crossfit: folds (whole parts, label-stratified)
     head_solver: Literal["lbfgs", "adamw"] = "lbfgs"  # head mode: convex L2 logistic regression, or the AdamW loop
     head_c: float = 0.01  # lbfgs: inverse L2 strength on standardised features (grouped CV: 0.01-0.03 best)
+    # mean: the head reads average-pooled maps; lse: a multiple-instance head, the log-sum-exp of the heatmap
+    # grid's cell logits (small local defects on large textured parts); auto tries lse when it fits in memory
+    head_pooling: Literal["mean", "lse"] = "mean"
+    pool_temperature: float = 1.0  # lse: r (-> 0: the mean; large: the maximum); tiles: 1 beat 3
+    max_cache_gb: float = 4.0  # lse caches every photo's grid features (half precision) in memory: the limit
     calibration: Literal["platt", "none"] = "platt"  # scale logits so a score is a probability (fitted out of fold)
     defect_types: bool = True  # learn the defect types the labels name (label map `crack: defect:crack`)
     exclude: str | None = None  # registry folder or golden.json: its parts never reach training or calibration
@@ -153,6 +158,12 @@ class TrainConfig:
             raise ConfigError(f"auto_budget_s: got {self.auto_budget_s}, allowed > 0 seconds")
         if self.folds < 2:
             raise ConfigError(f"folds: got {self.folds}, allowed >= 2")
+        if self.head_pooling not in ("mean", "lse"):
+            raise ConfigError(f"head_pooling: got {self.head_pooling!r}, allowed: mean, lse")
+        if not self.pool_temperature > 0:
+            raise ConfigError(f"pool_temperature: got {self.pool_temperature}, allowed > 0")
+        if self.head_pooling == "lse" and self.mode == "head" and self.head_solver != "lbfgs":
+            raise ConfigError("head_pooling lse in head mode is fitted by its own solver: set head_solver: lbfgs")
         if not self.head_c > 0:
             raise ConfigError(f"head_c: got {self.head_c}, allowed > 0")
         if self.validation not in ("crossfit", "split"):

@@ -21,8 +21,9 @@ from inspection.train.config import TrainConfig
 from inspection.train.crossfit import CrossFit, FoldReport, check_folds, fold_summary, inner_split, part_folds
 from inspection.train.data import make_loader, pos_weight_for, targets_of
 from inspection.train.frozen import FrozenFeatures, TrunkLayout, frozen_features, random_d4, tail_logits, tail_pooled
-from inspection.train.linear import fit_logistic
+from inspection.train.linear import LinearHead, fit_logistic
 from inspection.train.loop import FitState, fit, pooled_features, predict_logits, sigmoid
+from inspection.train.mil import MilHead, fit_mil
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class RowModel:
         self.net, self.layout, self.device = net, layout, device
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.dim() == 3:  # (N, C, g * g) grid rows of the multiple-instance head
+            g = self.net.cam_size()
+            return self.net.logits_from_grid(rows.float().view(len(rows), -1, g, g))
         if self.layout is None:
             return self.net.logits_from_pooled(rows)
         x, pooled = self.layout.split(rows)
@@ -70,6 +74,8 @@ class RowModel:
     @torch.no_grad()
     def pooled(self, rows: torch.Tensor) -> np.ndarray:
         """The head's input (N, D) for cached rows: the rows themselves, or the trained tail's pooled output."""
+        if rows.dim() == 3:  # grid rows: their mean over the cells is the pooled map (up to the grid's resampling)
+            return torch.cat([rows[i : i + 256].float().mean(2) for i in range(0, len(rows), 256)]).double().numpy()
         if self.layout is None:
             return rows.numpy().astype(np.float64)
         self.net.eval()
@@ -90,7 +96,10 @@ class RowModel:
         if self.layout is None:
             return rows
         x, pooled = self.layout.split(rows)
-        return torch.cat([random_d4(x, generator).flatten(1), pooled], dim=1)
+        if self.layout.grid:  # the frozen taps' grids turn with the trunk's map
+            x, pooled = random_d4(x, generator, pooled)  # type: ignore[misc]
+            return torch.cat([x.flatten(1), pooled.flatten(1)], dim=1)
+        return torch.cat([random_d4(x, generator).flatten(1), pooled], dim=1)  # type: ignore[union-attr]
 
 
 def _fit_rows(
@@ -166,10 +175,24 @@ def _set_head(net: InspectionNet, weight: np.ndarray, bias: float) -> None:
         net.head.bias.fill_(float(bias))
 
 
-def _fit_lbfgs(config: TrainConfig, rows: np.ndarray, views: list[np.ndarray], targets: np.ndarray, idx: np.ndarray):
-    x = np.concatenate([rows[idx]] + [v[idx] for v in views])
+def _fit_lbfgs(
+    config: TrainConfig, rows: torch.Tensor, views: list[torch.Tensor], targets: np.ndarray, idx: np.ndarray
+) -> LinearHead | MilHead:
+    """The head's convex-enough fit on cached rows `idx` (+ their augmented views): L-BFGS logistic regression on
+    pooled rows, the multiple-instance fit on grid rows."""
+    at = torch.as_tensor(idx)
     y = np.tile(targets[idx], 1 + len(views))
-    return fit_logistic(x, y, config.head_c, balanced=config.balance != "none")
+    balanced = config.balance != "none"
+    if rows.dim() == 3:
+        x = torch.cat([rows[at]] + [v[at] for v in views]) if views else rows[at]
+        return fit_mil(x, y, config.pool_temperature, balanced=balanced, seed=config.seed)
+    xs = np.concatenate([rows[at].numpy()] + [v[at].numpy() for v in views])
+    return fit_logistic(xs, y, config.head_c, balanced=balanced)
+
+
+def _head_logits(head: LinearHead | MilHead, rows: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+    at = torch.as_tensor(idx)
+    return head.logits(rows[at]) if isinstance(head, MilHead) else head.logits(rows[at].numpy())
 
 
 def _cached_features(net, config, samples, size_hw, device, view_samples) -> tuple[FrozenFeatures, RowModel]:
@@ -195,7 +218,7 @@ def fit_split(net, config: TrainConfig, splits, size_hw, device, out: Path, gene
         tr, va, te = np.arange(n_tr), np.arange(n_tr, n_tr + n_val), np.arange(n_tr + n_val, len(everything))
         views = ff.views  # augmented rows of the train samples, in the same order (so index tr works on them)
         if config.mode == "head" and config.head_solver == "lbfgs":
-            head = _fit_lbfgs(config, ff.rows.numpy(), [v.numpy() for v in views], targets, tr)
+            head = _fit_lbfgs(config, ff.rows, views, targets, tr)
             _set_head(net, head.weight, head.bias)
             state = _lbfgs_state()
         else:
@@ -313,8 +336,6 @@ class CrossFitter:
         logger.info("cross-fitting %d folds by part: %s", k, fold_summary(folds, targets, groups))
         self.frozen_pass()
         ff, model, views = self.ff, self.model, self.views
-        if self.lbfgs:
-            rows_np, views_np = ff.rows.numpy(), [v.numpy() for v in views]  # type: ignore[union-attr]
         oof = np.zeros(len(pool))
         reports: list[FoldReport] = []
         for f in range(k):
@@ -323,8 +344,8 @@ class CrossFitter:
             best_epoch: int | None = None
             fold_gen = torch.Generator().manual_seed(config.seed * 1000 + f)
             if self.lbfgs:
-                head = _fit_lbfgs(config, rows_np, views_np, targets, np.flatnonzero(folds != f))
-                oof[held] = head.logits(rows_np[held])
+                head = _fit_lbfgs(config, ff.rows, views, targets, np.flatnonzero(folds != f))  # type: ignore[union-attr]
+                oof[held] = _head_logits(head, ff.rows, held)  # type: ignore[union-attr]
                 n_train = int((folds != f).sum())
             else:
                 net.load_state_dict(self.initial)
@@ -371,8 +392,7 @@ class CrossFitter:
         everything = np.arange(len(pool))
         net.load_state_dict(self.initial)
         if self.lbfgs:
-            rows_np, views_np = ff.rows.numpy(), [v.numpy() for v in views]  # type: ignore[union-attr]
-            head = _fit_lbfgs(config, rows_np, views_np, targets, everything)
+            head = _fit_lbfgs(config, ff.rows, views, targets, everything)  # type: ignore[union-attr]
             _set_head(net, head.weight, head.bias)
             state = _lbfgs_state()
         else:

@@ -82,15 +82,18 @@ def split_point(net: InspectionNet, config: TrainConfig) -> int:
 @dataclass(frozen=True)
 class TrunkLayout:
     """How a cached partial-mode row is laid out: the activation map at the split point (C, h, w), flattened,
-    then the pooled outputs of the tapped stages before it (frozen, so cached too)."""
+    then the pooled outputs of the tapped stages before it (frozen, so cached too); for the multiple-instance
+    head (`grid` cells per side) those taps on the heatmap grid instead, (C_taps, grid, grid) flattened."""
 
     k: int
     shape: tuple[int, int, int]
     n_pooled: int
+    grid: int = 0  # 0: the frozen taps are pooled vectors
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, h, w = self.shape
-        return rows[:, : c * h * w].reshape(-1, c, h, w), rows[:, c * h * w :]
+        x, taps = rows[:, : c * h * w].reshape(-1, c, h, w), rows[:, c * h * w :]
+        return x, (taps.reshape(len(rows), -1, self.grid, self.grid) if self.grid else taps)
 
 
 def trunk_rows(net: InspectionNet, images: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,8 +103,8 @@ def trunk_rows(net: InspectionNet, images: torch.Tensor, k: int) -> torch.Tensor
     pooled = []
     for i, stage in enumerate(bb.blocks[:k]):
         x = stage(x)
-        if i in net.taps:
-            pooled.append(x.mean(dim=(2, 3)))
+        if i in net.taps:  # the multiple-instance head needs the frozen taps' cells, not their mean
+            pooled.append(net._to_grid(x).flatten(1) if net.pooling == "lse" else x.mean(dim=(2, 3)))
     return torch.cat([x.flatten(1), *pooled], dim=1)
 
 
@@ -115,28 +118,41 @@ def trunk_activations(net: InspectionNet, images: torch.Tensor, k: int) -> torch
 
 
 def tail_logits(net: InspectionNet, x: torch.Tensor, k: int, frozen_pooled: torch.Tensor | None = None) -> torch.Tensor:
-    """The rest of the network from stage k on, then the head: (N, C, h, w) [+ pooled frozen taps] -> logits (N,)."""
+    """The rest of the network from stage k on, then the head: (N, C, h, w) [+ pooled frozen taps] -> logits (N,);
+    for the multiple-instance head the frozen taps come as grids (N, C_taps, g, g)."""
+    if net.pooling == "lse":
+        maps = _tail_maps(net, x, k)
+        frozen = [frozen_pooled] if frozen_pooled is not None and frozen_pooled.shape[1] else []
+        return net.logits_from_grid(torch.cat(frozen + [net._to_grid(m) for m in maps], dim=1))
     return net.logits_from_pooled(tail_pooled(net, x, k, frozen_pooled))
+
+
+def _tail_maps(net: InspectionNet, x: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The maps the head reads from stage k on: tapped stages >= k, then the last conv features."""
+    bb = net.backbone
+    maps = []
+    for i, stage in enumerate(bb.blocks[k:], start=k):
+        x = stage(x)
+        if i in net.taps:
+            maps.append(x)
+    maps.append(bb.bn2(bb.conv_head(x)))
+    return maps
 
 
 def tail_pooled(net: InspectionNet, x: torch.Tensor, k: int, frozen_pooled: torch.Tensor | None = None) -> torch.Tensor:
     """The head's input from stage k on: (N, C, h, w) [+ pooled frozen taps] -> pooled features (N, D)."""
-    bb = net.backbone
     pooled = [frozen_pooled] if frozen_pooled is not None and frozen_pooled.shape[1] else []
-    for i, stage in enumerate(bb.blocks[k:], start=k):
-        x = stage(x)
-        if i in net.taps:
-            pooled.append(x.mean(dim=(2, 3)))
-    x = bb.bn2(bb.conv_head(x))
-    pooled.append(x.mean(dim=(2, 3)))
-    return torch.cat(pooled, dim=1)
+    if pooled and pooled[0].dim() == 4:  # the multiple-instance head's frozen grids: their mean
+        pooled = [pooled[0].mean(dim=(2, 3))]
+    return torch.cat(pooled + [m.mean(dim=(2, 3)) for m in _tail_maps(net, x, k)], dim=1)
 
 
 def trunk_layout(net: InspectionNet, k: int, size_hw: tuple[int, int]) -> TrunkLayout:
     with torch.no_grad():
         probe = trunk_activations(net.eval(), torch.zeros(1, *size_hw, 3, dtype=torch.uint8), k)
     n_pooled = sum(w for t, w in zip(net.taps, net.widths, strict=False) if t < k)
-    return TrunkLayout(k, tuple(probe.shape[1:]), n_pooled)  # type: ignore[arg-type]
+    grid = net.cam_size() if net.pooling == "lse" else 0
+    return TrunkLayout(k, tuple(probe.shape[1:]), n_pooled * max(1, grid) ** 2, grid)  # type: ignore[arg-type]
 
 
 class _Module(nn.Module):
@@ -248,6 +264,7 @@ def extract(
     cache: FeatureCache | None = None,
     augment: Any | None = None,
     desc: str = "features",
+    half: bool = False,
 ) -> torch.Tensor:
     """`engine(uint8 images)` per sample (rows (N, D)). Clean views (augment=None) are read from / added to
     `cache`, keyed by image sha256; augmented views are never cached (each run draws its own)."""
@@ -260,7 +277,7 @@ def extract(
         n_batches = (len(subset) + BATCH - 1) // BATCH
         for batch in _progress(_batches(subset, size_hw, augment, config), n_batches, desc, config.progress):
             for row in engine(batch):
-                feats[todo[pos]] = row.clone()
+                feats[todo[pos]] = row.half() if half else row.clone()
                 pos += 1
         if use_cache:
             for i, row in feats.items():
@@ -270,11 +287,14 @@ def extract(
     return torch.stack(rows) if rows else torch.zeros(0)
 
 
-def random_d4(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """A random flip / quarter turn per batch of activation maps (N, C, h, w): cheap spatial augmentation."""
+def random_d4(x: torch.Tensor, generator: torch.Generator | None, *more: torch.Tensor) -> torch.Tensor | tuple:
+    """A random flip / quarter turn per batch of activation maps (N, C, h, w): cheap spatial augmentation. Maps
+    in `more` (the frozen taps' grids of one batch) get the same turn, so their cells stay aligned."""
     k = int(torch.randint(0, 4, (1,), generator=generator))
-    x = torch.rot90(x, k, dims=(2, 3))
-    return torch.flip(x, dims=(3,)) if int(torch.randint(0, 2, (1,), generator=generator)) else x
+    flip = bool(int(torch.randint(0, 2, (1,), generator=generator)))
+    out = [torch.rot90(m, k, dims=(2, 3)) for m in (x, *more)]
+    out = [torch.flip(m, dims=(3,)) for m in out] if flip else out
+    return tuple(out) if more else out[0]
 
 
 def _no_engine(batch: np.ndarray) -> torch.Tensor:
@@ -305,30 +325,41 @@ def frozen_features(
     from inspection.train.data import build_augment
 
     head = config.mode == "head"
-    if head:
+    if head and net.pooling == "lse":
+        part, layout = f"grid{net.cam_size()}", None
+
+        def fn(images: torch.Tensor) -> torch.Tensor:
+            return net.grid_features(images).flatten(2)  # (N, C, g * g)
+
+    elif head:
         part, layout = "pooled", None
-        fn: Callable[[torch.Tensor], torch.Tensor] = net.pooled_features
+        fn = net.pooled_features
     else:
         k = split_point(net, config)
-        part, layout = f"trunk{k}", trunk_layout(net, k, size_hw)
+        layout = trunk_layout(net, k, size_hw)
+        part = f"trunk{k}" + (f"-grid{layout.grid}" if layout.grid else "")  # lse: the frozen taps as grids
 
         def fn(images: torch.Tensor) -> torch.Tensor:
             return trunk_rows(net, images, k)
 
     tag = weights_tag(config)
     taps = ",".join(map(str, net.taps))
-    key = f"{config.backbone}|{config.input_size}|{tag}|{size_hw[0]}x{size_hw[1]}|{part}|taps={taps}" if tag else None
+    shape = f"{config.input_size}|{config.resize}|{size_hw[0]}x{size_hw[1]}"  # squash and letterbox differ
+    key = f"{config.backbone}|{shape}|{tag}|{part}|taps={taps}" if tag else None
     disk = FeatureCache(config.feature_cache, key) if config.feature_cache and key else None
     memo = disk if disk is not None else FeatureCache(None, "memory")  # in-memory only: still one pass per image
     t0 = time.perf_counter()
     need = [s for s in samples if s.sha256 not in memo.table]
     engine = make_engine(net, fn, size_hw, device, config) if need or config.cached_views else None
-    rows = extract(engine or _no_engine, samples, size_hw, config, memo, desc=part)
+    half = part.startswith("grid")  # a photo's grid is hundreds of cells x ~2,000 channels: half precision
+    rows = extract(engine or _no_engine, samples, size_hw, config, memo, desc=part, half=half)
     augment = build_augment(config.augment, config.seed)
     views = []
     for view in range(config.cached_views if augment is not None and engine is not None else 0):
         views.append(
-            extract(engine, view_samples or samples, size_hw, config, augment=augment, desc=f"view {view + 1}")  # type: ignore[arg-type]
+            extract(  # type: ignore[arg-type]
+                engine, view_samples or samples, size_hw, config, augment=augment, desc=f"view {view + 1}", half=half
+            )
         )
     if disk is not None:
         disk.save()

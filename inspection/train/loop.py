@@ -72,6 +72,8 @@ def build_net_for(config: TrainConfig) -> InspectionNet:
         resize=config.resize,
         dropout=config.dropout,
         taps=config.taps,
+        pooling=config.head_pooling,
+        temperature=config.pool_temperature,
     )
 
 

@@ -48,6 +48,8 @@ def checkpoint_payload(net: InspectionNet, config: TrainConfig, epoch: int) -> d
         "num_features": int(net.head.in_features),
         "taps": list(net.taps),
         "type_names": list(net.type_names),
+        "pooling": net.pooling,
+        "pool_temperature": net.temperature,
     }
 
 
@@ -94,6 +96,8 @@ def net_from_checkpoint(ckpt: dict[str, Any]) -> InspectionNet:
         dropout=float(ckpt.get("dropout", 0.2)),
         taps=taps,
         type_names=tuple(ckpt.get("type_names", ())),
+        pooling=str(ckpt.get("pooling", "mean")),  # runs from before the multiple-instance head averaged
+        temperature=float(ckpt.get("pool_temperature", 1.0)),
     )
     net.load_state_dict(ckpt["model_state"], strict=True)
     return net.eval()

@@ -150,6 +150,20 @@ def _prepared_net(config: TrainConfig, device: torch.device) -> InspectionNet:
     return net
 
 
+def _check_grid_cache(config: TrainConfig, net: InspectionNet, photos: int) -> None:
+    from inspection.train.mil import grid_cache_gb
+
+    if (
+        config.mode == "head"
+        and config.head_pooling == "lse"
+        and (gb := grid_cache_gb(net, photos)) > config.max_cache_gb
+    ):
+        raise ConfigError(
+            f"head_pooling lse caches every photo's grid features: {photos} photos need {gb:.1f} GiB, more than "
+            f"max_cache_gb {config.max_cache_gb:g}; use a smaller input_size, fewer taps, or head_pooling: mean"
+        )
+
+
 def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out: Path | str) -> TrainResult:
     """Train per `config` on `data` (store, manifest, image folder or a list of samples) into run directory `out`."""
     from inspection.train.plots import plot_history, write_eval_plots
@@ -193,6 +207,7 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
             raise DataError(f"no labelled photos to train on in {data} (after {excluded})")
         splits = {"train": pool, "val": [], "test": []}
         net = _prepared_net(config, device)
+        _check_grid_cache(config, net, len(pool))
         size_hw = loader_size(pool, net.preprocess.config)
         logger.info("data: %d photos (%d defect) of %d parts", len(pool), int(targets_of(pool).sum()), _n_parts(pool))
         fitted = fit_crossfit(net, config, pool, size_hw, device, out, generator)
@@ -341,11 +356,17 @@ def _fold_platt(net: Any, platt: Platt) -> None:
     with torch.no_grad():
         net.head.weight.mul_(platt.a)
         net.head.bias.mul_(platt.a).add_(platt.b)
+    if net.pooling == "lse":  # a * LSE_r(cells) + b == LSE_(r / a)(a * cells + b): the temperature takes the slope
+        net.temperature = net.temperature / platt.a
 
 
 def _notes(config: TrainConfig, fitted: Fitted, validation: str) -> str:
     taps = f", taps {list(config.taps)}" if config.taps else ""
-    if config.mode == "head" and config.head_solver == "lbfgs":
+    if config.head_pooling == "lse":
+        taps += f", multiple-instance head (log-sum-exp of the heatmap cells, r={config.pool_temperature:g})"
+    if config.mode == "head" and config.head_pooling == "lse":
+        how = f"head fitted on cached grid features{taps}"
+    elif config.mode == "head" and config.head_solver == "lbfgs":
         how = f"head by L-BFGS logistic regression (C={config.head_c}){taps}"
     else:
         how = f"{config.mode} fine-tuning{taps}; best epoch {fitted.state.best_epoch} of {fitted.state.epoch}"

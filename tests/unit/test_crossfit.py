@@ -255,10 +255,18 @@ def test_auto_mode_picks_by_cross_validation_within_its_budget_and_says_why(
     result = run_train(replace(config, auto_budget_s=3600), grouped_store, tmp_path / "all")
     report = json.loads((tmp_path / "all" / "auto.json").read_text())
     names = [c["name"] for c in report["candidates"]]
-    # native size, the camera's size, then fine-tuning the last stage, then the last two
-    assert names == ["head-224", "head-300", "partial-300", "partial-300-2stages"]
+    by_name = {c["name"]: c for c in report["candidates"]}
+    # native size, the camera's size, the multiple-instance head at the better head's input, then fine-tuning the
+    # last two stages and the last one at the best head's input and pooling
+    heads = [by_name["head-224"], by_name["head-300"]]
+    first = min(heads, key=lambda c: (c["frr_at_target"], -c["oof_auc"], c["input_size"]))
+    lse = f"{first['name']}-lse"
+    best = min([*heads, by_name[lse]], key=lambda c: (c["frr_at_target"], -c["oof_auc"], c["input_size"]))
+    tuned = f"partial-{best['input_size']}" + ("-lse" if best["pooling"] == "lse" else "")
+    assert names == ["head-224", "head-300", lse, f"{tuned}-2stages", tuned]
+    assert by_name[lse]["pooling"] == "lse" and by_name[tuned]["pooling"] == best["pooling"]
     evaluated = [c for c in report["candidates"] if c["status"] in ("evaluated", "chosen")]
-    assert len(evaluated) == 4
+    assert len(evaluated) == 5
     (chosen,) = [c for c in report["candidates"] if c["status"] == "chosen"]
     best = min(evaluated, key=lambda c: (c["frr_at_target"], -c["oof_auc"], c["input_size"]))
     assert chosen["name"] == best["name"] == report["chosen"]
@@ -274,8 +282,27 @@ def test_auto_mode_picks_by_cross_validation_within_its_budget_and_says_why(
     assert statuses == {
         "head-224": "chosen",
         "head-300": "skipped",
-        "partial-300": "skipped",
-        "partial-300-2stages": "skipped",
+        "head-224-lse": "skipped",
+        "partial-224-2stages": "skipped",
+        "partial-224": "skipped",
     }
     assert all("budget" in c["reason"] for c in report["candidates"] if c["status"] == "skipped")
     assert tight.card.mode == "head"
+
+
+def test_auto_skips_the_multiple_instance_head_when_its_grid_would_not_fit_in_memory(
+    grouped_store: Path, tiny_weights: Path, tmp_path: Path
+):
+    from inspection.errors import ConfigError
+    from inspection.train import run_train
+
+    config = head_config(tiny_weights, mode="auto", auto_modes=("head",), folds=2, max_cache_gb=1e-6)
+    run_train(replace(config, auto_budget_s=3600), grouped_store, tmp_path / "auto")
+    report = json.loads((tmp_path / "auto" / "auto.json").read_text())
+    (lse,) = [c for c in report["candidates"] if c["pooling"] == "lse"]
+    assert lse["status"] == "skipped" and "GiB" in lse["reason"] and "max_cache_gb" in lse["reason"]
+    assert lse["name"] in report["why"]
+    # asked for by hand, the same limit is a clear error before any work
+    with pytest.raises(ConfigError, match="max_cache_gb"):
+        run_train(replace(config, mode="head", head_pooling="lse"), grouped_store, tmp_path / "by_hand")
+    assert not (tmp_path / "by_hand" / "checkpoint.pt").exists()

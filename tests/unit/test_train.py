@@ -142,6 +142,9 @@ def test_unknown_mode_is_a_config_error():
         (["augment.noise_std_range=0.5,0.1"], "noise_std_range"),
         (["target_escape_rate=0.01", "review_escape_rate=0.05"], "review_escape_rate"),
         (["augment.rotate_p=2"], "probability"),
+        (["head_pooling=max"], "head_pooling: got 'max'"),
+        (["head_pooling=lse", "pool_temperature=0"], "pool_temperature: got 0"),
+        (["mode=head", "head_pooling=lse", "head_solver=adamw"], "head_solver: lbfgs"),
     ],
 )
 def test_bad_config_values(overrides, match):
