@@ -48,6 +48,8 @@ class Candidate:
     resize: str = "squash"
     pooling: str = "mean"  # head: average-pooled maps, or the multiple-instance head (lse)
     trainable_blocks: int | None = None  # partial: None = the config's
+    epochs: int | None = None  # partial: the cap (auto_max_epochs); each fold early-stops within it
+    final_epochs: int | None = None  # partial: the folds' median early-stop epoch, the final fit's schedule
     estimated_s: float | None = None
     seconds: float | None = None
     oof_auc: float | None = None
@@ -174,8 +176,10 @@ def run_auto(
             cand.input_size, cand.resize = best[3].input_size, best[3].resize
         cand.name = _name(cand)
         cfg = replace(config, mode=cand.mode, input_size=cand.input_size, resize=cand.resize, head_pooling=cand.pooling)
-        if cand.mode == "partial":
-            cfg = replace(cfg, partial_cache=True, trainable_blocks=cand.trainable_blocks or cfg.trainable_blocks)
+        if cand.mode == "partial":  # the epoch budget is the folds' early stop within auto_max_epochs
+            cand.epochs = config.auto_max_epochs
+            blocks = cand.trainable_blocks or cfg.trainable_blocks
+            cfg = replace(cfg, partial_cache=True, trainable_blocks=blocks, epochs=cand.epochs)
         net = build_net_for(cfg).to(device)
         if cand.pooling == "lse" and (gb := grid_cache_gb(net, n)) > config.max_cache_gb:
             cand.status = "skipped"
@@ -212,6 +216,7 @@ def run_auto(
             px_rate = fitter.ff.seconds / (n * cand.input_size**2 * (1 + len(fitter.views)))
         cand.oof_auc = _auc(cf.oof_logits, targets)
         cand.frr_at_target = frr_at_escape(cf.oof_logits, targets, config.target_escape_rate)
+        cand.final_epochs = cf.final_epochs() if cand.mode == "partial" else None
         cand.status = "evaluated"
         logger.info(
             "auto: %s: out-of-fold AUC %.4f, false-reject rate %.4f at %.2f %% escapes, %.0f s",

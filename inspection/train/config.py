@@ -61,6 +61,7 @@ class TrainConfig:
     auto_budget_s: float = 900.0  # auto: wall seconds for the search and the final fit on this machine
     auto_modes: tuple[str, ...] = ("head", "partial")  # auto: the modes it may try (full is rarely affordable)
     auto_max_size: int = 448  # auto: the largest input it tries (the photos' median long side, up to this)
+    auto_max_epochs: int = 12  # auto: fine-tuning candidates early-stop within this many epochs per fold
     taps: tuple[int, ...] = ()  # backbone stages whose pooled outputs the head reads besides the last features
     # (configs/train.yaml: 2-6); the heatmap then combines their class-activation maps on a 1/16 grid
     validation: Literal["crossfit", "split"] = "crossfit"  # crossfit: K folds by part, thresholds from all
@@ -154,6 +155,8 @@ class TrainConfig:
         bad_modes = [m for m in self.auto_modes if m not in MODES[:3]]
         if bad_modes or not self.auto_modes:
             raise ConfigError(f"auto_modes: got {list(self.auto_modes)}, allowed a non-empty subset of {MODES[:3]}")
+        if self.auto_max_epochs < 1:
+            raise ConfigError(f"auto_max_epochs: got {self.auto_max_epochs}, allowed >= 1")
         if not self.auto_budget_s > 0:
             raise ConfigError(f"auto_budget_s: got {self.auto_budget_s}, allowed > 0 seconds")
         if self.folds < 2:

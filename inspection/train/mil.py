@@ -108,5 +108,7 @@ def fit_mil(grid: torch.Tensor, y: np.ndarray, temperature: float, balanced: boo
     with torch.no_grad():
         w = (basis @ u) / std  # back to raw feature units
         bias = float(b) - float((w * mean).sum())
-    logger.debug("multiple-instance head: %d photos x %d cells, %d -> %d dims, loss %.4f", n, g, c, k, float(loss.detach()))
+    logger.debug(
+        "multiple-instance head: %d photos x %d cells, %d -> %d dims, loss %.4f", n, g, c, k, float(loss.detach())
+    )
     return MilHead(weight=w.double().numpy(), bias=bias, temperature=temperature)
