@@ -3,14 +3,17 @@ hand, within a wall-time budget, and say why (RUN_DIR/auto.json).
 
 Candidates, cheapest first: a linear head on the frozen backbone (one frozen pass, seconds per fold) at the
 backbone's native size and at the camera's resolution (for non-square photos also with the other of squash /
-letterbox), then the last stage(s) fine-tuned on cached trunk activations (`partial`) at the camera's resolution
-with the better head's preprocessing. Every candidate is cross-fitted on the same folds (whole
-parts, label-stratified); each is estimated before it runs and skipped when it would not fit in what is left of
-the budget (the final fit of the winner included). The winner has the lowest out-of-fold false-reject rate at the
-target escape rate, then the highest ROC-AUC, then the smaller input (a cheaper model on the line); its folds are
-kept, so only its final fit is added. On the real castings the head on tapped stages at 300 px wins (frozen
-ImageNet features read the defects well and the head costs seconds); on the synthetic castings, whose pin-prick
-defects the frozen features barely see, fine-tuning the last stage wins.
+letterbox); the multiple-instance head (log-sum-exp of the heatmap cells) at the better head's input, when its
+cached grid fits `max_cache_gb`; then the last two stages and the last stage fine-tuned on cached trunk
+activations (`partial`) at the best head's input, preprocessing and pooling, each fold early-stopping within
+`auto_max_epochs`. Every candidate is cross-fitted on the same folds (whole parts, label-stratified); each is
+estimated before it runs and skipped when it would not fit in what is left of the budget (the final fit of the
+winner included). The winner has the lowest out-of-fold false-reject rate at the target escape rate (or at
+MIN_ESCAPES defect photos when the target allows fewer), then the highest ROC-AUC, then the smaller input (a
+cheaper model on the line); its folds are kept, so only its final fit is added. On the real castings the head on
+tapped stages at 300 px wins (frozen ImageNet features read the defects well and the head costs seconds); on the
+synthetic tiles, whose small defects sit on a textured surface, the multiple-instance head and fine-tuning
+through it gain most.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from inspection.train.mil import grid_cache_gb
 logger = logging.getLogger(__name__)
 
 AUTO_FILE = "auto.json"
+# Candidates are ranked at an escape rate that at least this many defect photos may take: at 0.5 % of 360 defect
+# photos (the synthetic tiles) the target's threshold is the lowest or second-lowest defect score, and one
+# invisible defect would decide between recipes whose ROC-AUC differ by 0.03
+MIN_ESCAPES = 5
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Candidate:
     seconds: float | None = None
     oof_auc: float | None = None
     frr_at_target: float | None = None  # out-of-fold false-reject rate at the target escape rate
+    frr_at_selection: float | None = None  # the same at the selection's escape rate (what the candidates are ranked by)
     status: str = "pending"  # chosen | evaluated | skipped
     reason: str = ""
 
@@ -62,6 +70,7 @@ class Candidate:
 class AutoReport:
     budget_s: float
     target_escape_rate: float
+    selection_escape_rate: float  # the target, or MIN_ESCAPES / defect photos when the target rests on fewer
     camera_size: int
     candidates: list[Candidate] = field(default_factory=list)
     chosen: str | None = None
@@ -164,7 +173,9 @@ def run_auto(
         if config.trainable_blocks < 2:  # small defects often need the last two stages (demo castings: 0.968 -> 0.995)
             plan.append(Candidate("partial-2stages", "partial", cam, resize, trainable_blocks=2))
         plan.append(Candidate("partial", "partial", cam, resize))
-    report = AutoReport(config.auto_budget_s, config.target_escape_rate, cam, plan)
+    n_defect = int(targets.sum())
+    selection = max(config.target_escape_rate, MIN_ESCAPES / max(n_defect, 1))
+    report = AutoReport(config.auto_budget_s, config.target_escape_rate, selection, cam, plan)
     best: tuple[tuple[float, float, int], Candidate, CrossFitter, TrainConfig] | None = None
     px_rate: float | None = None  # frozen-pass seconds per image per input pixel, from the candidates run so far
     n = len(pool)
@@ -216,6 +227,7 @@ def run_auto(
             px_rate = fitter.ff.seconds / (n * cand.input_size**2 * (1 + len(fitter.views)))
         cand.oof_auc = _auc(cf.oof_logits, targets)
         cand.frr_at_target = frr_at_escape(cf.oof_logits, targets, config.target_escape_rate)
+        cand.frr_at_selection = frr_at_escape(cf.oof_logits, targets, selection)
         cand.final_epochs = cf.final_epochs() if cand.mode == "partial" else None
         cand.status = "evaluated"
         logger.info(
@@ -226,7 +238,7 @@ def run_auto(
             100 * config.target_escape_rate,
             cand.seconds,
         )
-        key = (cand.frr_at_target, -cand.oof_auc, cand.input_size)
+        key = (cand.frr_at_selection, -cand.oof_auc, cand.input_size)
         if best is None or key < best[0]:
             best = (key, cand, fitter, cfg)
         else:
@@ -237,10 +249,10 @@ def run_auto(
     others = [c for c in plan if c.status == "evaluated"]
     report.chosen = chosen.name
     report.why = (
-        f"{chosen.name}: lowest out-of-fold false-reject rate at {100 * config.target_escape_rate:.2f} % escapes "
-        f"({chosen.frr_at_target:.4f}; AUC {chosen.oof_auc:.4f})"
+        f"{chosen.name}: lowest out-of-fold false-reject rate at {100 * selection:.2f} % escapes "
+        f"({chosen.frr_at_selection:.4f}; AUC {chosen.oof_auc:.4f})"
         + (
-            "; others: " + ", ".join(f"{c.name} {c.frr_at_target:.4f} (AUC {c.oof_auc:.4f})" for c in others)
+            "; others: " + ", ".join(f"{c.name} {c.frr_at_selection:.4f} (AUC {c.oof_auc:.4f})" for c in others)
             if others
             else ""
         )
