@@ -19,7 +19,12 @@ TAPS = (1, 2)
 def _lse_net(temperature: float = 2.0, seed: int = 0):
     torch.manual_seed(seed)
     net = build_net(
-        "test_efficientnet", pretrained=False, input_size=96, resize="letterbox", taps=TAPS, pooling="lse",
+        "test_efficientnet",
+        pretrained=False,
+        input_size=96,
+        resize="letterbox",
+        taps=TAPS,
+        pooling="lse",
         temperature=temperature,
     ).eval()
     with torch.no_grad():
