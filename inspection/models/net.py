@@ -141,9 +141,8 @@ class InspectionNet(nn.Module):
         return self.pool_cells(cells)
 
     def pool_cells(self, cells: torch.Tensor) -> torch.Tensor:
-        """(N, g, g) cell logits -> (N,): log-sum-exp at temperature r, offset so a uniform map gives its value."""
-        r, flat = self.temperature, cells.flatten(1)
-        return (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r
+        """(N, g, g) cell logits -> (N,), by `lse_pool` at the head's temperature."""
+        return lse_pool(cells.flatten(1), self.temperature)
 
     def _to_grid(self, fmap: torch.Tensor) -> torch.Tensor:
         size = self.cam_size()
@@ -186,6 +185,11 @@ class InspectionNet(nn.Module):
             return prob, evidence_map(cells, prob)
         prob = torch.sigmoid(logit)
         return prob, evidence_map(cam[:, 0], prob)  # type: ignore[index]
+
+
+def lse_pool(cells: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, G) cell logits -> (N,): log-sum-exp at temperature r, offset so a uniform map gives its value."""
+    return (torch.logsumexp(temperature * cells, dim=1) - math.log(cells.shape[1])) / temperature
 
 
 def evidence_map(cam: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,26 @@
 """The multiple-instance head (`head_pooling: lse`), fitted on cached grid features of the frozen backbone.
 
-Each cell of the heatmap grid gets the linear head's logit; the photo's logit is their log-sum-exp
-(`InspectionNet.pool_cells`). The features of a cell are many (2,024 for Lite0 with stages 2-6 tapped) and a
-photo has hundreds of cells, so the fit works in a smaller space: the cells are standardised per channel and
+Each cell of the heatmap grid gets the linear head's logit; the photo's logit is their log-sum-exp (the network's
+own `lse_pool`). The features of a cell are many (2,024 for Lite0 with stages 2-6 tapped) and a photo has hundreds
+of cells, so the fit works in a smaller space: the cells are standardised per channel and
 projected on their leading principal components (from the training photos only), the weights fitted there by
 full-batch Adam from zero (the bench's setting, `bench/tile_heads.py --mil`: deterministic, no schedule), then
-mapped back to raw feature units. The result is an ordinary linear head in the network's own units, so the
+mapped back to raw feature units (on the tiles 256 components score as 1,024 do: OOF ROC-AUC 0.918 vs 0.921, in
+half the time). The result is an ordinary linear head in the network's own units, so the
 exported graph is the network's, unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from inspection.models.net import lse_pool
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class MilHead:
         """(N, C, G) cached grid features (any float dtype) -> (N,) logits, as the network computes them."""
         w = torch.as_tensor(self.weight, dtype=torch.float32)
         out = [
-            pool_cells(torch.einsum("ncg,c->ng", grid[i : i + CHUNK].float(), w) + self.bias, self.temperature)
+            lse_pool(torch.einsum("ncg,c->ng", grid[i : i + CHUNK].float(), w) + self.bias, self.temperature)
             for i in range(0, len(grid), CHUNK)
         ]
         return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
@@ -47,11 +49,6 @@ class MilHead:
 def grid_cache_gb(net: Any, photos: int) -> float:
     """GiB that caching `photos` grid rows of `net` takes (half precision), checked against `max_cache_gb`."""
     return photos * sum(net.widths) * net.cam_size() ** 2 * 2 / 2**30
-
-
-def pool_cells(cells: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, G) -> (N,): the same log-sum-exp as `InspectionNet.pool_cells`."""
-    return (torch.logsumexp(temperature * cells, dim=1) - math.log(cells.shape[1])) / temperature
 
 
 def _moments(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +98,7 @@ def fit_mil(grid: torch.Tensor, y: np.ndarray, temperature: float, balanced: boo
     opt = torch.optim.Adam([u, b], lr=LR)
     for _ in range(STEPS):
         opt.zero_grad()
-        logits = pool_cells(proj @ u + b, temperature)
+        logits = lse_pool(proj @ u + b, temperature)
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight) + L2 * (u * u).sum()
         loss.backward()
         opt.step()
