@@ -39,7 +39,7 @@ def features_and_scores(
     feats, probs, kept = [], [], []
     for idx, x in iter_input_batches(net, items, batch_size):
         maps = net.feature_maps_all(x)
-        feats.append(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1).numpy())  # (B, D): the pooled maps
+        feats.append(net.pooled_of(maps).numpy())  # (B, D): what the head and the type head read
         probs.append(torch.sigmoid(net.logits_from_maps(maps)).numpy())  # as the head pools them (mean or lse)
         kept.append(idx)
     if not feats:

@@ -105,7 +105,15 @@ class InspectionNet(nn.Module):
 
     def pooled_from_input(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised input -> the head's input (N, sum(widths)): every map average-pooled, concatenated."""
-        return torch.cat([m.mean(dim=(2, 3)) for m in self.feature_maps_all(x)], dim=1)
+        return self.pooled_of(self.feature_maps_all(x))
+
+    def pooled_of(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Maps -> their means (N, sum(widths)), what the defect-type head reads. With `pooling="lse"` the means of
+        the grid the head scores (the same up to the grid's resampling), so types fitted on cached grid rows see
+        exactly what serving computes."""
+        if self.pooling == "lse":
+            return self.grid_of(maps).mean(dim=(2, 3))
+        return torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, H, W, 3) -> pooled features (N, D); what `head` mode caches."""
@@ -124,16 +132,19 @@ class InspectionNet(nn.Module):
 
     def logits_from_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
         if self.pooling == "lse":
-            return self.logits_from_grid(torch.cat([self._to_grid(m) for m in maps], dim=1))
-        return self.logits_from_pooled(torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
+            return self.logits_from_grid(self.grid_of(maps))
+        return self.logits_from_pooled(self.pooled_of(maps))
 
     # ---------------------------------------------------------------------------- the multiple-instance head
     def grid_features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> every map brought to the heatmap grid and concatenated: (N, sum(widths), g, g); what
         `head` mode caches for `pooling="lse"` (the head is linear, so resampling features or their logits
         commutes: the cells' logits are the heatmap's)."""
-        maps = self.feature_maps_all(self.preprocess(images))
-        return torch.cat([self._to_grid(m) for m in maps], dim=1)
+        return self.grid_of(self.feature_maps_all(self.preprocess(images)))
+
+    def grid_of(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Maps (N, C_i, h_i, w_i) -> one grid (N, sum(C_i), g, g)."""
+        return torch.cat([self.to_grid(m) for m in maps], dim=1)
 
     def logits_from_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """(N, sum(widths), g, g) grid features -> defect logits (N,) by log-sum-exp over the cells."""
@@ -144,7 +155,7 @@ class InspectionNet(nn.Module):
         """(N, g, g) cell logits -> (N,), by `lse_pool` at the head's temperature."""
         return lse_pool(cells.flatten(1), self.temperature)
 
-    def _to_grid(self, fmap: torch.Tensor) -> torch.Tensor:
+    def to_grid(self, fmap: torch.Tensor) -> torch.Tensor:
         size = self.cam_size()
         if fmap.shape[-1] > size:  # finer than the grid: average, which keeps the mean
             return F.adaptive_avg_pool2d(fmap, size)
@@ -163,8 +174,7 @@ class InspectionNet(nn.Module):
         prob, heatmap = self._score_and_map(maps)
         if self.type_head is None:
             return prob, heatmap
-        pooled = torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
-        return prob, heatmap, torch.softmax(self.type_head(pooled), dim=1)
+        return prob, heatmap, torch.softmax(self.type_head(self.pooled_of(maps)), dim=1)
 
     def _score_and_map(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         weights = torch.split(self.head.weight, list(self.widths), dim=1)
@@ -177,7 +187,7 @@ class InspectionNet(nn.Module):
         for fmap, w in zip(maps, weights, strict=True):
             part = F.conv2d(fmap, w[:, :, None, None])  # (N, 1, h, w): this stage's share of the logit per position
             logit = logit + part.mean(dim=(1, 2, 3))
-            part = self._to_grid(part)  # linear like the head: the grid of the logits == the logits of the grid
+            part = self.to_grid(part)  # linear like the head: the grid of the logits == the logits of the grid
             cam = part if cam is None else cam + part
         if self.pooling == "lse":
             cells = cam[:, 0] + self.head.bias[:, None, None]  # type: ignore[index]

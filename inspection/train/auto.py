@@ -36,7 +36,7 @@ from inspection.train.crossfit import part_folds
 from inspection.train.data import image_size, targets_of
 from inspection.train.fitting import CrossFitter, Fitted
 from inspection.train.loop import apply_freeze, build_net_for
-from inspection.train.mil import grid_cache_gb
+from inspection.train.mil import grid_cache_problem
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +192,9 @@ def run_auto(
             blocks = cand.trainable_blocks or cfg.trainable_blocks
             cfg = replace(cfg, partial_cache=True, trainable_blocks=blocks, epochs=cand.epochs)
         net = build_net_for(cfg).to(device)
-        if cand.pooling == "lse" and (gb := grid_cache_gb(net, n)) > config.max_cache_gb:
+        if cand.mode == "head" and cand.pooling == "lse" and (why := grid_cache_problem(net, n, config.max_cache_gb)):
             cand.status = "skipped"
-            cand.reason = f"its grid features would take {gb:.1f} GiB in memory (max_cache_gb {config.max_cache_gb:g})"
+            cand.reason = why
             logger.info("auto: %s skipped (%s)", cand.name, cand.reason)
             del net
             continue

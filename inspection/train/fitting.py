@@ -74,7 +74,7 @@ class RowModel:
     @torch.no_grad()
     def pooled(self, rows: torch.Tensor) -> np.ndarray:
         """The head's input (N, D) for cached rows: the rows themselves, or the trained tail's pooled output."""
-        if rows.dim() == 3:  # grid rows: their mean over the cells is the pooled map (up to the grid's resampling)
+        if rows.dim() == 3:  # grid rows: their mean over the cells, what `InspectionNet.pooled_of` serves
             return torch.cat([rows[i : i + 256].float().mean(2) for i in range(0, len(rows), 256)]).double().numpy()
         if self.layout is None:
             return rows.numpy().astype(np.float64)
@@ -175,7 +175,7 @@ def _set_head(net: InspectionNet, weight: np.ndarray, bias: float) -> None:
         net.head.bias.fill_(float(bias))
 
 
-def _fit_lbfgs(
+def _fit_head(
     config: TrainConfig, rows: torch.Tensor, views: list[torch.Tensor], targets: np.ndarray, idx: np.ndarray
 ) -> LinearHead | MilHead:
     """The head's convex-enough fit on cached rows `idx` (+ their augmented views): L-BFGS logistic regression on
@@ -218,7 +218,7 @@ def fit_split(net, config: TrainConfig, splits, size_hw, device, out: Path, gene
         tr, va, te = np.arange(n_tr), np.arange(n_tr, n_tr + n_val), np.arange(n_tr + n_val, len(everything))
         views = ff.views  # augmented rows of the train samples, in the same order (so index tr works on them)
         if config.mode == "head" and config.head_solver == "lbfgs":
-            head = _fit_lbfgs(config, ff.rows, views, targets, tr)
+            head = _fit_head(config, ff.rows, views, targets, tr)
             _set_head(net, head.weight, head.bias)
             state = _lbfgs_state()
         else:
@@ -344,7 +344,7 @@ class CrossFitter:
             best_epoch: int | None = None
             fold_gen = torch.Generator().manual_seed(config.seed * 1000 + f)
             if self.lbfgs:
-                head = _fit_lbfgs(config, ff.rows, views, targets, np.flatnonzero(folds != f))  # type: ignore[union-attr]
+                head = _fit_head(config, ff.rows, views, targets, np.flatnonzero(folds != f))  # type: ignore[union-attr]
                 oof[held] = _head_logits(head, ff.rows, held)  # type: ignore[union-attr]
                 n_train = int((folds != f).sum())
             else:
@@ -392,7 +392,7 @@ class CrossFitter:
         everything = np.arange(len(pool))
         net.load_state_dict(self.initial)
         if self.lbfgs:
-            head = _fit_lbfgs(config, ff.rows, views, targets, everything)  # type: ignore[union-attr]
+            head = _fit_head(config, ff.rows, views, targets, everything)  # type: ignore[union-attr]
             _set_head(net, head.weight, head.bias)
             state = _lbfgs_state()
         else:

@@ -104,7 +104,7 @@ def trunk_rows(net: InspectionNet, images: torch.Tensor, k: int) -> torch.Tensor
     for i, stage in enumerate(bb.blocks[:k]):
         x = stage(x)
         if i in net.taps:  # the multiple-instance head needs the frozen taps' cells, not their mean
-            pooled.append(net._to_grid(x).flatten(1) if net.pooling == "lse" else x.mean(dim=(2, 3)))
+            pooled.append(net.to_grid(x).flatten(1) if net.pooling == "lse" else x.mean(dim=(2, 3)))
     return torch.cat([x.flatten(1), *pooled], dim=1)
 
 
@@ -123,7 +123,7 @@ def tail_logits(net: InspectionNet, x: torch.Tensor, k: int, frozen_pooled: torc
     if net.pooling == "lse":
         maps = _tail_maps(net, x, k)
         frozen = [frozen_pooled] if frozen_pooled is not None and frozen_pooled.shape[1] else []
-        return net.logits_from_grid(torch.cat(frozen + [net._to_grid(m) for m in maps], dim=1))
+        return net.logits_from_grid(torch.cat([*frozen, net.grid_of(maps)], dim=1))
     return net.logits_from_pooled(tail_pooled(net, x, k, frozen_pooled))
 
 
@@ -142,9 +142,9 @@ def _tail_maps(net: InspectionNet, x: torch.Tensor, k: int) -> list[torch.Tensor
 def tail_pooled(net: InspectionNet, x: torch.Tensor, k: int, frozen_pooled: torch.Tensor | None = None) -> torch.Tensor:
     """The head's input from stage k on: (N, C, h, w) [+ pooled frozen taps] -> pooled features (N, D)."""
     pooled = [frozen_pooled] if frozen_pooled is not None and frozen_pooled.shape[1] else []
-    if pooled and pooled[0].dim() == 4:  # the multiple-instance head's frozen grids: their mean
-        pooled = [pooled[0].mean(dim=(2, 3))]
-    return torch.cat(pooled + [m.mean(dim=(2, 3)) for m in _tail_maps(net, x, k)], dim=1)
+    if net.pooling == "lse":  # the frozen taps come as grids: the mean of the whole grid, as `pooled_of` takes it
+        return torch.cat([*pooled, net.grid_of(_tail_maps(net, x, k))], dim=1).mean(dim=(2, 3))
+    return torch.cat([*pooled, net.pooled_of(_tail_maps(net, x, k))], dim=1)
 
 
 def trunk_layout(net: InspectionNet, k: int, size_hw: tuple[int, int]) -> TrunkLayout:

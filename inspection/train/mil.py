@@ -46,9 +46,12 @@ class MilHead:
         return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def grid_cache_gb(net: Any, photos: int) -> float:
-    """GiB that caching `photos` grid rows of `net` takes (half precision), checked against `max_cache_gb`."""
-    return photos * sum(net.widths) * net.cam_size() ** 2 * 2 / 2**30
+def grid_cache_problem(net: Any, photos: int, max_cache_gb: float) -> str | None:
+    """Why caching `photos` grid rows of `net` (half precision) would not fit `max_cache_gb`; None when it fits."""
+    gb = photos * sum(net.widths) * net.cam_size() ** 2 * 2 / 2**30
+    if gb <= max_cache_gb:
+        return None
+    return f"its grid features would take {gb:.1f} GiB in memory for {photos} photos (max_cache_gb {max_cache_gb:g})"
 
 
 def _moments(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

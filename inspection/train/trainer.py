@@ -151,16 +151,13 @@ def _prepared_net(config: TrainConfig, device: torch.device) -> InspectionNet:
 
 
 def _check_grid_cache(config: TrainConfig, net: InspectionNet, photos: int) -> None:
-    from inspection.train.mil import grid_cache_gb
+    from inspection.train.mil import grid_cache_problem
 
-    if (
-        config.mode == "head"
-        and config.head_pooling == "lse"
-        and (gb := grid_cache_gb(net, photos)) > config.max_cache_gb
-    ):
+    lse_head = config.mode == "head" and config.head_pooling == "lse"
+    if lse_head and (why := grid_cache_problem(net, photos, config.max_cache_gb)):
         raise ConfigError(
-            f"head_pooling lse caches every photo's grid features: {photos} photos need {gb:.1f} GiB, more than "
-            f"max_cache_gb {config.max_cache_gb:g}; use a smaller input_size, fewer taps, or head_pooling: mean"
+            f"head_pooling lse caches every photo's grid features: {why}; use a smaller input_size, fewer taps, "
+            "or head_pooling: mean"
         )
 
 
@@ -217,6 +214,7 @@ def run_train(config: TrainConfig, data: Path | str | Sequence[Any] | None, out:
             "data: %s", ", ".join(f"{k} {len(v)} ({int(targets_of(v).sum())} defect)" for k, v in splits.items())
         )
         net = _prepared_net(config, device)
+        _check_grid_cache(config, net, sum(len(v) for v in splits.values()))
         size_hw = loader_size([s for items in splits.values() for s in items], net.preprocess.config)
         fitted = fit_split(net, config, splits, size_hw, device, out, generator)
     fit_seconds = time.perf_counter() - t_start

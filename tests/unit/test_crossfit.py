@@ -114,13 +114,13 @@ def test_every_part_is_scored_by_a_model_that_never_saw_it_and_thresholds_come_f
     from inspection.train.trainer import predict_scores
 
     calls: list[np.ndarray] = []
-    real = fitting._fit_lbfgs
+    real = fitting._fit_head
 
     def spy(config, rows, views, targets, idx):
         calls.append(np.array(idx))
         return real(config, rows, views, targets, idx)
 
-    monkeypatch.setattr(fitting, "_fit_lbfgs", spy)
+    monkeypatch.setattr(fitting, "_fit_head", spy)
     result = run_train(head_config(tiny_weights), grouped_store, tmp_path / "run")
     run = load_run(tmp_path / "run")
     pool = run.samples["train"]

@@ -34,7 +34,8 @@ def _lse_net(temperature: float = 2.0, seed: int = 0):
 
 
 def test_serving_training_cached_grid_and_cached_trunk_give_one_logit():
-    from inspection.train.frozen import trunk_layout, trunk_rows
+    from inspection.train.fitting import RowModel
+    from inspection.train.frozen import tail_pooled, trunk_layout, trunk_rows
     from inspection.train.trainer import tail_logits
 
     net = _lse_net()
@@ -59,6 +60,11 @@ def test_serving_training_cached_grid_and_cached_trunk_give_one_logit():
             )
             x, frozen = layout.split(trunk_rows(net, boxed, k))
             assert torch.allclose(tail_logits(net, x, k, frozen), net.forward_logits(boxed), atol=1e-4), k
+            # the defect-type head's features: fitted on the cache, served by the network, the same numbers
+            assert torch.allclose(tail_pooled(net, x, k, frozen), net.pooled_features(boxed), atol=1e-5), k
+        grid_rows = net.grid_features(images).flatten(2)
+        fitted_on = RowModel(net, None, torch.device("cpu")).pooled(grid_rows)
+        assert np.allclose(fitted_on, net.pooled_features(images).double().numpy(), atol=1e-5)
 
 
 def test_cached_maps_turn_together():
